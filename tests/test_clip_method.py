@@ -1,0 +1,72 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules import ShapesDataModule
+from xvlm.methods import CLIPFineTune
+
+
+def test_text_to_image_loss_matches_a_direct_loop():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 4, generator=g)
+    target = torch.tensor([0, 2, 2, 3, 0, 0])
+    expected = []
+    for c in sorted(set(target.tolist())):
+        column = logits[:, c]
+        log_prob = column - torch.logsumexp(column, dim=0)
+        expected.append(-torch.logsumexp(log_prob[target == c], dim=0))
+    torch.testing.assert_close(CLIPFineTune._text_to_image_loss(logits, target), torch.stack(expected).mean())
+
+
+class _FakeTrainer:
+    def __init__(self, datamodule):
+        self.datamodule = datamodule
+
+
+def _module_on(datamodule, **kwargs):
+    module = CLIPFineTune(pretrained=None, image_size=32, **kwargs)
+    module._trainer = _FakeTrainer(datamodule)
+    module.setup("fit")
+    return module
+
+
+def test_training_steps_fit_a_fixed_batch():
+    datamodule = ShapesDataModule(image_size=32, batch_size=32, train_size=32, augment=False)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    torch.manual_seed(0)
+    module = _module_on(datamodule, templates=["a photo of a {}."])
+    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = module.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def test_unseen_class_in_a_training_batch_is_refused():
+    datamodule = ShapesDataModule(image_size=32)
+    module = _module_on(datamodule)
+    unseen = datamodule.task.unseen[0]
+    batch = {"image": torch.randn(2, 3, 32, 32), "label": torch.tensor([datamodule.task.seen[0], unseen])}
+    with pytest.raises(ValueError, match="unseen class"):
+        module.loss(batch)
+
+
+def test_class_text_features_average_templates():
+    datamodule = ShapesDataModule(image_size=32)
+    module = _module_on(datamodule, templates=["a photo of a {}.", "a {}."]).eval()
+    with torch.no_grad():
+        both = module.class_text_features([0, 1])
+        per_template = [module.backbone.encode_texts(module.class_prompts(t, [0, 1])) for t in module.templates]
+    torch.testing.assert_close(both, F.normalize(per_template[0] + per_template[1], dim=-1))
+
+
+def test_setup_without_a_task_names_the_problem():
+    module = CLIPFineTune(pretrained=None, image_size=32)
+    module._trainer = _FakeTrainer(object())
+    with pytest.raises(ValueError, match="needs a datamodule that publishes a Task"):
+        module.setup("fit")

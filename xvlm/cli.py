@@ -1,0 +1,130 @@
+"""The ``xvlm`` command: a thin ``LightningCLI`` subclass that only wires things.
+
+``xvlm fit|validate|test|predict --config configs/<method>/<dataset>.yaml [--run NAME]``
+
+- Every run has a name (``--run``); its checkpoints go to ``<checkpoint_dir>/<run>/`` (a fixed folder, so
+  ``--ckpt_path last`` always finds the run's ``last.ckpt``) and its CSV/TensorBoard logs to
+  ``<log_dir>/<run>/``. ``trainer.default_root_dir`` is the checkpoint folder too, so SLURM's emergency
+  ``hpc_ckpt_*.ckpt`` lands where a requeued job looks for it.
+- Two checkpoint callbacks: ``resume_checkpoint`` (no monitor, ``last.ckpt`` every epoch) and
+  ``best_checkpoint`` (monitor, default ``val/H``). One monitored callback with ``save_last`` leaves a stale
+  ``last.ckpt`` in Lightning 2.6.
+- ``--ckpt_path`` resumes the same run only: a checkpoint written by another model class is refused (Lightning
+  would otherwise silently swap the configured class for the checkpoint's). Start from other weights with
+  ``--model.init_args.init_weights``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+from lightning.pytorch import LightningDataModule, Trainer  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger  # noqa: E402
+
+from xvlm.checkpointing import check_checkpoint_class  # noqa: E402
+from xvlm.methods import XVLMModule  # noqa: E402
+
+TRAINER_DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": "auto", "log_every_n_steps": 10}
+
+
+def run_dir(root: str, run: str) -> str:
+    """``<root>/<run>``: the fixed folder of one run."""
+    return str(Path(root) / run)
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_loggers(log_dir: str, run: str) -> list[Logger]:
+    """CSV logs in ``<log_dir>/<run>/csv`` and, when installed, TensorBoard in ``<log_dir>/<run>/tensorboard``."""
+    loggers: list[Logger] = [CSVLogger(save_dir=log_dir, name=run, version="csv")]
+    if _tensorboard_available():
+        loggers.append(TensorBoardLogger(save_dir=log_dir, name=run, version="tensorboard"))
+    return loggers
+
+
+class XVLMCLI(LightningCLI):
+    """``LightningCLI`` with run folders, resume/best checkpoints and checkpoint-class checks (module docstring)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run", type=str, default="default", help="Run name: names its checkpoint and log folders.")
+        parser.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="Root of run checkpoint folders.")
+        parser.add_argument("--log_dir", type=str, default="outputs", help="Root of run log folders.")
+        parser.add_lightning_class_args(ModelCheckpoint, "resume_checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
+        parser.set_defaults(
+            {
+                "resume_checkpoint.filename": "latest-epoch{epoch:03d}",
+                "resume_checkpoint.save_last": True,
+                "resume_checkpoint.auto_insert_metric_name": False,
+                "best_checkpoint.filename": "best-epoch{epoch:03d}",
+                "best_checkpoint.monitor": "val/H",
+                "best_checkpoint.mode": "max",
+                "best_checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        for target in ("resume_checkpoint.dirpath", "best_checkpoint.dirpath", "trainer.default_root_dir"):
+            parser.link_arguments(("checkpoint_dir", "run"), target, compute_fn=run_dir)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        ckpt_path = config.get("ckpt_path")
+        model = config.get("model")
+        if ckpt_path and Path(ckpt_path).is_file() and model is not None and "class_path" in model:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            try:
+                check_checkpoint_class(checkpoint, model["class_path"], source=ckpt_path)
+            except ValueError as error:
+                parser.error(str(error))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError, KeyError) as error:
+            self.parser.error(f"could not build the configured objects: {error}")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if config.trainer.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(config.log_dir, config.run)
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        config = self.config[self.subcommand]
+        logs = self.trainer.log_dir or run_dir(config.log_dir, config.run)
+        self.trainer.print(
+            f"\nCheckpoints: {run_dir(config.checkpoint_dir, config.run)}/ (last.ckpt resumes with --ckpt_path last)"
+            f"\nLogs:        {Path(logs).parent if config.trainer.get('logger') in (None, True) else logs}/"
+        )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``xvlm`` console script."""
+    XVLMCLI(
+        model_class=XVLMModule,
+        datamodule_class=LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""``CLIPFineTune``: contrastive fine-tuning of both CLIP towers on class prompts — the baseline of every method.
+
+Each training step encodes one prompt per seen class (the template drawn at random per class and step) and
+trains with the CLIP image-to-text loss against all seen classes at once:
+``L = CE(τ · f(x) g(T)ᵀ, y)`` with unit-norm image features ``f(x) [B, D]``, class prompt features
+``g(T) [C_seen, D]`` and the learnt temperature ``τ = exp(logit_scale)``. Every seen class is a negative exactly
+once, so a batch holding two images of one class never treats that class's caption as a negative (the flaw of
+batch-wise caption contrast on small label spaces). With ``symmetric=True`` the text-to-image direction is
+added for the classes present in the batch, with every image of the class as a positive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from xvlm.methods.base import XVLMModule
+
+
+class CLIPFineTune(XVLMModule):
+    """Contrastive CLIP fine-tuning on class prompts (see module docstring).
+
+    Args:
+        symmetric: also apply the text-to-image loss over the classes in the batch.
+        **kwargs: :class:`XVLMModule` arguments (backbone, prompts, optimiser).
+    """
+
+    def __init__(self, symmetric: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.symmetric = symmetric
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Contrastive loss of one batch against one random-template prompt per seen class."""
+        seen = torch.as_tensor(self.task.seen, device=self.device)
+        choice = torch.randint(len(self.templates), (len(seen),)).tolist()
+        names = self.task.class_names
+        prompts = [self.templates[t].format(names[c]) for t, c in zip(choice, self.task.seen)]
+        text = self.backbone.encode_texts(prompts)
+        image = self.backbone.encode_image(batch["image"])
+        logits = self.backbone.logit_scale.exp().clamp(max=100) * image @ text.T
+        position = torch.full((self.task.num_classes,), -1, dtype=torch.long, device=self.device)
+        position[seen] = torch.arange(len(seen), device=self.device)
+        target = position[batch["label"]]
+        if (target < 0).any():
+            raise ValueError("a training batch holds an unseen class; the datamodule leaks held-out classes")
+        loss = F.cross_entropy(logits, target)
+        if self.symmetric:
+            loss = 0.5 * (loss + self._text_to_image_loss(logits, target))
+        return loss
+
+    @staticmethod
+    def _text_to_image_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over present classes c of ``-log Σ_{i: y_i=c} softmax_i(logits[:, c])`` (multi-positive)."""
+        present = target.unique()
+        column_logits = logits[:, present].T
+        positive = target[None, :] == present[:, None]
+        log_prob = column_logits.log_softmax(dim=1)
+        return -(log_prob.masked_fill(~positive, float("-inf")).logsumexp(dim=1)).mean()
