@@ -14,8 +14,9 @@ from xvlm.checkpointing import (
 )
 
 
-def test_rng_state_round_trips():
-    state = capture_rng_state()
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    torch.save(capture_rng_state(), tmp_path / "rng.pt")
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)
     first = (random.random(), np.random.rand(), torch.rand(3))
     restore_rng_state(state)
     second = (random.random(), np.random.rand(), torch.rand(3))
@@ -27,6 +28,13 @@ def test_checkpoint_of_another_class_is_refused_naming_both():
     with pytest.raises(ValueError, match=r"xvlm\.methods\.lico\.LICO.*xvlm\.methods\.clip\.CLIPFineTune"):
         check_checkpoint_class(checkpoint, "xvlm.methods.clip.CLIPFineTune", source="run.ckpt")
     check_checkpoint_class(checkpoint, "xvlm.methods.lico.LICO")
+
+
+def test_re_exported_and_defining_paths_of_one_class_match():
+    checkpoint = {"xvlm_class_path": "xvlm.methods.clip.CLIPFineTune"}
+    check_checkpoint_class(checkpoint, "xvlm.methods.CLIPFineTune")
+    with pytest.raises(ValueError, match="xvlm.methods.XVLMModule"):
+        check_checkpoint_class(checkpoint, "xvlm.methods.XVLMModule")
 
 
 def test_class_path_names_the_defining_module():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,16 @@ def class_path(obj_or_cls: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def canonical_class_path(dotted: str) -> str:
+    """The defining module's path of the class ``dotted`` names (``xvlm.methods.CLIPFineTune`` ->
+    ``xvlm.methods.clip.CLIPFineTune``); ``dotted`` itself if it cannot be imported."""
+    module_name, _, name = dotted.rpartition(".")
+    try:
+        return class_path(getattr(importlib.import_module(module_name), name))
+    except (ImportError, AttributeError, ValueError):
+        return dotted
+
+
 def checkpoint_class_path(checkpoint: dict[str, Any]) -> str | None:
     """The module class a checkpoint was written by, if recorded (by xvlm or by the Lightning CLI)."""
     if CLASS_KEY in checkpoint:
@@ -30,7 +41,10 @@ def checkpoint_class_path(checkpoint: dict[str, Any]) -> str | None:
 def check_checkpoint_class(checkpoint: dict[str, Any], expected: str, source: str = "checkpoint") -> None:
     """Raise if ``checkpoint`` was written by a module class other than ``expected``."""
     found = checkpoint_class_path(checkpoint)
-    if found is not None and found != expected:
+    if found is None:
+        return
+    found, expected = canonical_class_path(found), canonical_class_path(expected)
+    if found != expected:
         raise ValueError(
             f"{source} was written by {found}, but the configured model is {expected}. Resume with the same "
             f"model class, or start from its weights with `--model.init_args.init_weights {source}`."
@@ -38,10 +52,14 @@ def check_checkpoint_class(checkpoint: dict[str, Any], expected: str, source: st
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) generator states, for exact resumption."""
+    """Python, NumPy, torch (and CUDA) generator states, for exact resumption.
+
+    Only tensors and plain Python values, so checkpoints stay loadable with ``torch.load(weights_only=True)``.
+    """
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -52,7 +70,8 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -49,10 +49,15 @@ def _tensorboard_available() -> bool:
 
 
 def default_loggers(log_dir: str, run: str) -> list[Logger]:
-    """CSV logs in ``<log_dir>/<run>/csv`` and, when installed, TensorBoard in ``<log_dir>/<run>/tensorboard``."""
-    loggers: list[Logger] = [CSVLogger(save_dir=log_dir, name=run, version="csv")]
+    """CSV logs in ``<log_dir>/<run>/csv/version_N`` and, when installed, TensorBoard in ``.../tensorboard/version_N``.
+
+    Every invocation (a resumed one too) writes a new ``version_N``, so earlier logs are never overwritten
+    (Lightning's CSV writer deletes an existing ``metrics.csv`` in its folder).
+    """
+    root = run_dir(log_dir, run)
+    loggers: list[Logger] = [CSVLogger(save_dir=root, name="csv")]
     if _tensorboard_available():
-        loggers.append(TensorBoardLogger(save_dir=log_dir, name=run, version="tensorboard"))
+        loggers.append(TensorBoardLogger(save_dir=root, name="tensorboard"))
     return loggers
 
 
@@ -105,10 +110,9 @@ class XVLMCLI(LightningCLI):
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
-        logs = self.trainer.log_dir or run_dir(config.log_dir, config.run)
         self.trainer.print(
             f"\nCheckpoints: {run_dir(config.checkpoint_dir, config.run)}/ (last.ckpt resumes with --ckpt_path last)"
-            f"\nLogs:        {Path(logs).parent if config.trainer.get('logger') in (None, True) else logs}/"
+            f"\nLogs:        {self.trainer.log_dir}/"
         )
 
 

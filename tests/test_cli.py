@@ -1,0 +1,124 @@
+"""End-to-end runs of the ``xvlm`` command as a user would type it (subprocesses, 32-px Shapes, CPU)."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+TINY_RUN = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "limit_train_batches": 3,
+        "limit_val_batches": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+        "callbacks": [{"class_path": "xvlm.callbacks.EpochSummary"}],
+    },
+    "model": {
+        "class_path": "xvlm.methods.CLIPFineTune",
+        "init_args": {"model": "xvlm-tiny", "pretrained": None, "image_size": 32, "lr": 1e-3, "warmup_steps": 2},
+    },
+    "data": {
+        "class_path": "datamodules.ShapesDataModule",
+        "init_args": {"image_size": 32, "batch_size": 8, "train_size": 24, "val_size": 16},
+    },
+}
+
+
+def xvlm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(Path(__file__).parent)}
+    command = [str(Path(sys.executable).parent / "xvlm"), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(TINY_RUN))
+    return folder
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir):
+    straight = xvlm("fit", "--config", "tiny.yaml", "--run", "straight", "--trainer.max_epochs", "3", cwd=workdir)
+    assert straight.returncode == 0, straight.stderr
+    interrupt = '{"class_path": "interruption.StopAfterEpochs", "init_args": {"epochs": 2}}'
+    first = xvlm("fit", "--config", "tiny.yaml", "--run", "split", "--trainer.max_epochs", "3",
+                 "--trainer.callbacks+", interrupt, cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    interrupted = torch.load(workdir / "checkpoints/split/last.ckpt", map_location="cpu", weights_only=True)
+    assert (interrupted["epoch"], interrupted["global_step"]) == (1, 6)
+    resumed = xvlm("fit", "--config", "tiny.yaml", "--run", "split", "--trainer.max_epochs", "3",
+                   "--ckpt_path", "last", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+
+    expected = torch.load(workdir / "checkpoints/straight/last.ckpt", map_location="cpu", weights_only=True)
+    got = torch.load(workdir / "checkpoints/split/last.ckpt", map_location="cpu", weights_only=True)
+    assert got["epoch"] == expected["epoch"] == 2
+    assert got["global_step"] == expected["global_step"] == 9
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    moment = next(iter(expected["optimizer_states"][0]["state"].values()))["exp_avg"]
+    assert torch.equal(next(iter(got["optimizer_states"][0]["state"].values()))["exp_avg"], moment)
+    # The third epoch did change the weights, so their equality above is not trivial.
+    assert not all(torch.equal(interrupted["state_dict"][k], v) for k, v in expected["state_dict"].items())
+
+    # Every epoch printed its evaluation line, and logs of both halves of the run were kept.
+    assert straight.stdout.count("val/U") == 3 and "Checkpoints: checkpoints/straight/" in straight.stdout
+    assert "Logs:        outputs/straight/csv/version_0/" in straight.stdout
+    rows = []
+    for path in sorted((workdir / "outputs/split/csv").glob("version_*/metrics.csv")):
+        with open(path) as handle:
+            rows += list(csv.DictReader(handle))
+    assert {row["epoch"] for row in rows if row.get("val/U")} == {"0", "1", "2"}
+
+
+def test_checkpoint_of_another_model_class_is_refused(workdir, tmp_path):
+    ckpt = workdir / "checkpoints/straight/last.ckpt"
+    if not ckpt.exists():
+        pytest.skip("needs the run of the resume test")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["xvlm_class_path"] = "xvlm.methods.lico.LICO"
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(checkpoint, foreign)
+    result = xvlm("fit", "--config", "tiny.yaml", "--run", "foreign", "--ckpt_path", str(foreign), cwd=workdir)
+    assert result.returncode != 0
+    assert "xvlm.methods.lico.LICO" in result.stderr and "xvlm.methods.clip.CLIPFineTune" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        (("--model.init_args.lerning_rate", "0.1"), "lerning_rate"),
+        (("--data.init_args.batch_size", "many"), "batch_size"),
+        (("--config", "missing.yaml"), "missing.yaml"),
+        (("--model.init_args.model", "ViT-Q-99"), "ViT-Q-99"),
+        (("--model.init_args.pretrained", "nowhere/weights.pt"), "nowhere/weights.pt"),
+    ],
+)
+def test_config_errors_name_the_bad_key_without_a_traceback(workdir, override, named):
+    result = xvlm("fit", "--config", "tiny.yaml", *override, "--trainer.max_epochs", "1", cwd=workdir)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_print_config_shows_every_method_hyper_parameter(workdir):
+    result = xvlm("fit", "--config", "tiny.yaml", "--print_config", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    init_args = config["model"]["init_args"]
+    assert {"model", "pretrained", "freeze", "init_weights", "templates", "lr", "weight_decay", "symmetric"} <= set(
+        init_args
+    )
+    assert config["best_checkpoint"]["monitor"] == "val/H"
+    assert config["resume_checkpoint"]["save_last"] is True

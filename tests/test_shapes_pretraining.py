@@ -1,0 +1,61 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from xvlm import shapes_pretraining
+from xvlm.backbones import VisionLanguageModel
+from xvlm.shapes_pretraining import RECIPES, build_shapes_backbone, shapes_backbone_path
+
+
+@pytest.fixture
+def quick_recipes(monkeypatch, tmp_path):
+    """Point the backbone cache at a temporary folder and shrink the build to a few steps."""
+    monkeypatch.setenv("XVLM_CHECKPOINT_DIR", str(tmp_path))
+    quick = {name: replace(recipe, steps=3, batch_size=16, val_size=64) for name, recipe in RECIPES.items()}
+    monkeypatch.setattr(shapes_pretraining, "RECIPES", quick)
+    return tmp_path
+
+
+def test_build_caches_weights_and_report_and_keeps_the_callers_random_stream(quick_recipes):
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    path = shapes_backbone_path("xvlm-tiny")
+    assert torch.equal(torch.rand(3), expected_next), "building the backbone changed the caller's RNG"
+
+    assert path == quick_recipes / "backbones" / "xvlm-tiny-shapes.pt"
+    assert not path.with_suffix(".partial").exists()
+    report = json.loads(path.with_suffix(".json").read_text())
+    assert report["zsl_chance"] == pytest.approx(1 / 64, abs=1e-4)
+    for key in ("S", "U", "H", "zsl", "zsl_shape", "zsl_colour", "zsl_pattern", "train_seconds"):
+        assert 0.0 <= report[key] <= (1.0 if key != "train_seconds" else 1e4)
+
+    loaded = VisionLanguageModel("xvlm-tiny", pretrained="shapes")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    for name, tensor in loaded.clip.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def test_second_use_loads_the_cache_without_rebuilding(quick_recipes, monkeypatch):
+    first = shapes_backbone_path("xvlm-tiny")
+    monkeypatch.setattr(shapes_pretraining, "build_shapes_backbone", lambda *a, **k: pytest.fail("rebuilt"))
+    assert shapes_backbone_path("xvlm-tiny") == first
+
+
+def test_only_known_architectures_have_a_shapes_backbone(quick_recipes):
+    with pytest.raises(ValueError, match="pretrained='shapes' exists for"):
+        shapes_backbone_path("ViT-B-16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "zsl", "h", "shape"), [("xvlm-tiny", 0.60, 0.35, 0.40), ("xvlm-tiny-rn", 0.70, 0.45, None)]
+)
+def test_full_build_meets_the_transfer_targets(tmp_path, name, zsl, h, shape):
+    report = build_shapes_backbone(name, tmp_path / f"{name}.pt", RECIPES[name])
+    assert report["train_seconds"] <= 300
+    assert report["zsl"] >= zsl and report["H"] >= h
+    if shape is not None:
+        assert report["zsl_shape"] >= shape
