@@ -47,10 +47,10 @@ def test_intermediate_tokens_have_documented_shapes(tiny_vit):
 
 
 def test_conv_stem_keeps_the_patch_grid():
-    stem = conv_stem(width=40, patch_size=8, channels=(8, 16))
+    stem = conv_stem(width=40, patch_size=8, channels=(8, 16, 24))
     assert stem(torch.randn(1, 3, 64, 64)).shape == (1, 40, 8, 8)
-    with pytest.raises(ValueError, match="patch_size=6"):
-        conv_stem(width=40, patch_size=6, channels=(8, 16))
+    with pytest.raises(ValueError, match="patch_size=16"):
+        conv_stem(width=40, patch_size=16, channels=(8, 16, 24))
 
 
 def test_local_file_pretrained_round_trips(tmp_path):

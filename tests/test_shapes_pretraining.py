@@ -9,22 +9,30 @@ from xvlm.backbones import VisionLanguageModel
 from xvlm.shapes_pretraining import RECIPES, build_shapes_backbone, shapes_backbone_path
 
 
-@pytest.fixture
-def quick_recipes(monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def quick_recipes(tmp_path_factory):
     """Point the backbone cache at a temporary folder and shrink the build to a few steps."""
-    monkeypatch.setenv("XVLM_CHECKPOINT_DIR", str(tmp_path))
+    root = tmp_path_factory.mktemp("checkpoints")
     quick = {name: replace(recipe, steps=3, batch_size=16, val_size=64) for name, recipe in RECIPES.items()}
-    monkeypatch.setattr(shapes_pretraining, "RECIPES", quick)
-    return tmp_path
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XVLM_CHECKPOINT_DIR", str(root))
+        patch.setattr(shapes_pretraining, "RECIPES", quick)
+        yield root
 
 
-def test_build_caches_weights_and_report_and_keeps_the_callers_random_stream(quick_recipes):
+@pytest.fixture(scope="module")
+def built(quick_recipes):
+    """Build the quick backbone once; return its path and whether the caller's RNG stream survived."""
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
     path = shapes_backbone_path("xvlm-tiny")
-    assert torch.equal(torch.rand(3), expected_next), "building the backbone changed the caller's RNG"
+    return path, torch.equal(torch.rand(3), expected_next)
 
+
+def test_build_caches_weights_and_report_and_keeps_the_callers_random_stream(quick_recipes, built):
+    path, rng_untouched = built
+    assert rng_untouched, "building the backbone changed the caller's RNG"
     assert path == quick_recipes / "backbones" / "xvlm-tiny-shapes.pt"
     assert not path.with_suffix(".partial").exists()
     report = json.loads(path.with_suffix(".json").read_text())
@@ -38,8 +46,8 @@ def test_build_caches_weights_and_report_and_keeps_the_callers_random_stream(qui
         assert torch.equal(tensor, saved[name]), name
 
 
-def test_second_use_loads_the_cache_without_rebuilding(quick_recipes, monkeypatch):
-    first = shapes_backbone_path("xvlm-tiny")
+def test_second_use_loads_the_cache_without_rebuilding(built, monkeypatch):
+    first, _ = built
     monkeypatch.setattr(shapes_pretraining, "build_shapes_backbone", lambda *a, **k: pytest.fail("rebuilt"))
     assert shapes_backbone_path("xvlm-tiny") == first
 

@@ -31,10 +31,10 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 Freeze = Literal["none", "image", "text", "all"]
 
-#: ViT configs whose patch embedding is a convolutional stem: channels of the stride-2 convolutions before the
-#: last one (which maps to the transformer width). The stem's total stride equals the config's ``patch_size``.
+#: ViT configs whose patch embedding is a convolutional stem: output channels of each stride-2 stage. The
+#: number of stages is ``log2(patch_size)``, so the stem yields the config's patch grid.
 CONV_STEMS: dict[str, tuple[int, ...]] = {
-    "xvlm-tiny": (32, 64),
+    "xvlm-tiny": (32, 64, 128),
 }
 
 
@@ -50,22 +50,26 @@ LOCAL_SOURCES: dict[str, Callable[[str], str]] = {
 }
 
 
-def conv_stem(width: int, patch_size: int, channels: Sequence[int]) -> nn.Sequential:
-    """Stride-2 3x3 convolutions (BatchNorm, GELU) ending in a 1x1 projection to ``width``.
+def _conv_bn_gelu(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.GELU()]
 
-    ``[B, 3, H, W] -> [B, width, H / patch_size, W / patch_size]``; needs ``patch_size == 2 ** len(channels) * k``
-    with the remaining factor ``k`` taken by the last convolution's stride.
+
+def conv_stem(width: int, patch_size: int, channels: Sequence[int]) -> nn.Sequential:
+    """Stages of a stride-2 and a stride-1 3x3 convolution (BatchNorm, GELU), then a 1x1 projection to ``width``.
+
+    ``[B, 3, H, W] -> [B, width, H / patch_size, W / patch_size]``; needs ``patch_size == 2 ** len(channels)``.
+    The stride-1 convolutions widen each token's receptive field (about 35 px for three stages), which is what
+    lets tokens carry corners and curvature instead of flat colour.
     """
-    n_stride2 = len(channels)
-    last_stride = patch_size // 2**n_stride2
-    if last_stride < 1 or last_stride * 2**n_stride2 != patch_size:
-        raise ValueError(f"conv stem with {n_stride2} stride-2 layers cannot reach patch_size={patch_size}")
+    if 2 ** len(channels) != patch_size:
+        raise ValueError(f"a conv stem of {len(channels)} stride-2 stages has stride {2 ** len(channels)}, "
+                         f"not patch_size={patch_size}")
     layers: list[nn.Module] = []
     in_ch = 3
     for out_ch in channels:
-        layers += [nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.GELU()]
+        layers += _conv_bn_gelu(in_ch, out_ch, 2) + _conv_bn_gelu(out_ch, out_ch, 1)
         in_ch = out_ch
-    layers.append(nn.Conv2d(in_ch, width, last_stride, stride=last_stride))
+    layers.append(nn.Conv2d(in_ch, width, 1))
     return nn.Sequential(*layers)
 
 

@@ -40,6 +40,7 @@ class BuildRecipe:
 
     steps: int = 240
     batch_size: int = 128
+    image_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
@@ -95,10 +96,12 @@ def build_shapes_backbone(model_name: str, path: Path, recipe: BuildRecipe) -> d
     start = time.perf_counter()
     try:
         L.seed_everything(recipe.seed, verbose=False)
-        datamodule = ShapesDataModule(task="attributes", batch_size=recipe.batch_size, seed=recipe.seed,
-                                      train_size=recipe.steps * recipe.batch_size, val_size=recipe.val_size)
-        module = CLIPFineTune(model=model_name, pretrained=None, templates=CAPTION_TEMPLATES, lr=recipe.lr,
-                              weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps)
+        datamodule = ShapesDataModule(task="attributes", image_size=recipe.image_size, batch_size=recipe.batch_size,
+                                      seed=recipe.seed, train_size=recipe.steps * recipe.batch_size,
+                                      val_size=recipe.val_size)
+        module = CLIPFineTune(model=model_name, pretrained=None, image_size=recipe.image_size,
+                              templates=CAPTION_TEMPLATES, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                              warmup_steps=recipe.warmup_steps)
         trainer = L.Trainer(max_steps=recipe.steps, max_epochs=1, logger=False, enable_checkpointing=False,
                             limit_val_batches=0, num_sanity_val_steps=0, devices=1, enable_model_summary=False)
         trainer.fit(module, datamodule)
