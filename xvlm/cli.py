@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger  # noqa: E402
 
 from xvlm.checkpointing import check_checkpoint_class  # noqa: E402
+from xvlm.explain.command import explain_command  # noqa: E402
 from xvlm.methods import XVLMModule  # noqa: E402
 
 TRAINER_DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": "auto", "log_every_n_steps": 10}
@@ -117,8 +119,10 @@ class XVLMCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``xvlm`` console script."""
-    XVLMCLI(
+    """Entry point of the ``xvlm`` console script; ``xvlm explain ...`` runs :mod:`xvlm.explain.command`."""
+    args = sys.argv[1:] if args is None else list(args)
+    cli = partial(
+        XVLMCLI,
         model_class=XVLMModule,
         datamodule_class=LightningDataModule,
         subclass_mode_model=True,
@@ -126,8 +130,11 @@ def main(args: list[str] | None = None) -> None:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        args=args,
     )
+    if args[:1] == ["explain"]:
+        explain_command(args[1:], partial(cli, run=False))
+    else:
+        cli(args=args)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,15 @@ class XVLMModule(L.LightningModule):
         if not isinstance(task, Task):
             raise ValueError(f"{type(self).__name__} needs a datamodule that publishes a Task (datamodule.task); "
                              f"got {type(datamodule).__name__}")
+        self.attach_task(task)
+
+    def attach_task(self, task: Task) -> None:
+        """Take ``task``'s label space: class names for prompts and the GZSL metrics of its seen/unseen split.
+
+        ``setup`` calls it with the datamodule's task; call it directly to use a module without a ``Trainer``
+        (``xvlm explain``). A method that builds task-dependent parts overrides this (calling ``super()``) rather
+        than ``setup``, so that they exist before a checkpoint's weights are loaded either way.
+        """
         self.task = task
         self.val_metrics = GZSLMetrics(task.num_classes, task.seen, task.unseen)
         self.test_metrics = GZSLMetrics(task.num_classes, task.seen, task.unseen)

@@ -1,0 +1,122 @@
+"""``xvlm explain``: render a trained module's explanations of chosen images as PNG files.
+
+``xvlm explain --config <cfg.yaml> --ckpt_path <file> [--images a.png b.jpg ... | --split val|test]
+[--num_images 8] --out <folder>``
+
+The model and datamodule are built from the training run's own config by the ``xvlm`` Lightning CLI (without
+running it), the datamodule's task is attached to the model and the checkpoint's weights are loaded (a checkpoint
+of another module class is refused). Image files are read with PIL, resized to the backbone's input side and
+CLIP-normalised; without ``--images`` the first ``--num_images`` samples of ``--split`` (default ``val``) are
+explained. One PNG per image goes to ``--out``: ``<split>_<index>.png`` or ``<position>_<file stem>.png``.
+Any other argument (``--model.init_args.templates ...``) goes to the CLI's parser, as in ``xvlm fit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+from PIL import Image
+
+from datamodules.transforms import eval_transform
+from xvlm.checkpointing import check_checkpoint_class, class_path
+from xvlm.explain.gallery import first_samples, render_batch, sample_names
+from xvlm.explain.render import save_figure
+from xvlm.methods.base import XVLMModule
+
+STAGES = {"images": "predict", "val": "validate", "test": "test"}
+"""Datamodule ``setup`` stage per source of images."""
+CHUNK = 16
+"""Images explained per forward pass."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xvlm explain", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments override the config, as in `xvlm fit`.")
+    parser.add_argument("--config", required=True, help="YAML config of the training run.")
+    parser.add_argument("--ckpt_path", required=True, help="Checkpoint of that run.")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--images", nargs="+", help="Image files to explain.")
+    source.add_argument("--split", choices=("val", "test"), default="val", help="Split to explain (default val).")
+    parser.add_argument("--num_images", type=int, default=8, help="Samples of --split to explain (default 8).")
+    parser.add_argument("--out", required=True, help="Folder of the PNG files.")
+    return parser
+
+
+def load_images(paths: Sequence[str | Path], image_size: int) -> dict[str, torch.Tensor]:
+    """Image files as a batch ``{"image": [N, 3, S, S]}``: RGB, resized to ``S`` and CLIP-normalised."""
+    transform = eval_transform(image_size)
+    images = []
+    for path in paths:
+        with Image.open(path) as file:
+            images.append(transform(image=np.asarray(file.convert("RGB")))["image"])
+    return {"image": torch.stack(images)}
+
+
+def load_checkpoint_weights(model: XVLMModule, path: str | Path) -> None:
+    """Load a Lightning checkpoint's ``state_dict`` into ``model`` (``weights_only``), refusing another class's.
+
+    Raises:
+        ValueError: the checkpoint was written by another module class.
+        KeyError: the file has no ``state_dict``.
+        RuntimeError: the weights do not fit the model (another architecture or config).
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    check_checkpoint_class(checkpoint, class_path(model), source=str(path))
+    model.load_state_dict(checkpoint["state_dict"])
+
+
+def _batch_and_names(
+    args: argparse.Namespace, model: XVLMModule, datamodule: LightningDataModule
+) -> tuple[dict[str, Any], list[str]]:
+    """The images the arguments ask for, as one batch, and their output names."""
+    if args.images:
+        names = [f"{position:03d}_{Path(path).stem}" for position, path in enumerate(args.images)]
+        return load_images(args.images, model.backbone.image_size), names
+    batch = first_samples(getattr(datamodule, f"{args.split}_dataloader")(), args.num_images)
+    return batch, sample_names(batch, args.split)
+
+
+def explain_command(argv: Sequence[str], build_cli: Callable[..., LightningCLI]) -> None:
+    """Run ``xvlm explain`` (module docstring); input errors exit with a message naming the bad input.
+
+    Args:
+        argv: the arguments after ``explain``.
+        build_cli: builds the ``xvlm`` CLI without running it, from ``args=[...]``.
+    """
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    for path in [args.ckpt_path, *(args.images or [])]:
+        if not Path(path).is_file():
+            parser.error(f"file '{path}' does not exist")
+    if args.num_images < 1:
+        parser.error(f"--num_images must be at least 1; got {args.num_images}")
+
+    cli = build_cli(args=["--config", args.config, *overrides])
+    model, datamodule = cli.model, cli.datamodule
+    try:
+        datamodule.setup(STAGES["images" if args.images else args.split])
+        model.attach_task(datamodule.task)
+        batch, names = _batch_and_names(args, model, datamodule)
+    except (ValueError, KeyError, OSError) as error:
+        parser.error(str(error))
+    try:
+        load_checkpoint_weights(model, args.ckpt_path)
+    except (ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as error:
+        parser.error(f"cannot use checkpoint '{args.ckpt_path}': {error}")
+
+    model.to(cli.trainer.strategy.root_device)
+    out = Path(args.out)
+    for start in range(0, len(names), CHUNK):
+        part = {key: value[start : start + CHUNK] for key, value in batch.items()}
+        part_names = names[start : start + CHUNK]
+        for name, figure in zip(part_names, render_batch(model, part, part_names)):
+            save_figure(figure, out / f"{name}.png")
+    print(out)

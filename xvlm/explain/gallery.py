@@ -1,0 +1,131 @@
+"""Galleries of explained samples: take a fixed set of samples, run ``explain`` on them, write one PNG each.
+
+:class:`ExplanationGallery` does it after validation epochs; ``xvlm explain`` (:mod:`xvlm.explain.command`) does
+it once from a checkpoint. Both call a module's ``explain(batch)`` through :func:`explain_batch`: in eval mode
+under ``torch.no_grad()`` but outside inference mode, so a method that needs gradients (Grad-CAM) can turn them on
+with ``torch.enable_grad()`` inside ``explain``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
+
+from xvlm.explain.render import render_explanation, sample_explanation, save_figure
+from xvlm.methods.base import XVLMModule
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Tensors joined along dim 0, anything else (lists of strings) chained."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return [item for part in parts for item in part]
+
+
+def first_samples(loader: Iterable[dict[str, Any]], count: int) -> dict[str, Any]:
+    """The first ``count`` samples a loader yields (fewer if it runs out), as one batch-first dict on the CPU."""
+    parts: list[dict[str, Any]] = []
+    taken = 0
+    for batch in loader:
+        parts.append(move_data_to_device(batch, "cpu"))
+        taken += len(batch["image"])
+        if taken >= count:
+            break
+    if not parts:
+        raise ValueError("the loader yielded no samples to explain")
+    return {key: _concat([part[key] for part in parts])[:count] for key in parts[0]}
+
+
+def sample_names(batch: dict[str, Any], prefix: str) -> list[str]:
+    """``"<prefix>_<index>"`` per sample: the dataset ``index`` when the batch has one, else the position."""
+    indices = batch["index"].tolist() if "index" in batch else range(len(batch["image"]))
+    return [f"{prefix}_{int(index):05d}" for index in indices]
+
+
+def explain_batch(module: XVLMModule, batch: dict[str, Any]) -> dict[str, Any]:
+    """``module.explain(batch)`` on the module's device in eval mode, with every submodule's mode restored after.
+
+    Returns:
+        The explanation with its tensors on the CPU (keys: :mod:`xvlm.explain.render`).
+    """
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    module.eval()
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            explanation = module.explain(move_data_to_device(batch, module.device))
+    finally:
+        for submodule, training in modes.items():
+            submodule.train(training)
+    return move_data_to_device(explanation, "cpu")
+
+
+def render_batch(module: XVLMModule, batch: dict[str, Any], names: Sequence[str]) -> list[Figure]:
+    """One figure per sample of ``batch`` (``image [B, 3, H, W]``, optional ``label [B]``), titled by ``names``."""
+    explanation = explain_batch(module, batch)
+    labels = batch["label"].tolist() if "label" in batch else [None] * len(names)
+    return [
+        render_explanation(batch["image"][i], sample_explanation(explanation, i), module.task.class_names,
+                           label=labels[i], title=names[i])
+        for i in range(len(names))
+    ]
+
+
+class ExplanationGallery(Callback):
+    """After every ``every_n_epochs``-th validation epoch, writes the explanations of a fixed set of samples.
+
+    The samples are the first ``num_images`` of the datamodule's ``<split>_dataloader()`` (a fresh, unsharded
+    loader, read once and kept), so every epoch shows the same images. PNGs go to
+    ``<out_dir>/epoch_NNN/<split>_<index>.png`` (``NNN`` the 0-based epoch, as in checkpoint names; ``out_dir``
+    defaults to ``<trainer.log_dir>/gallery``) and, when a :class:`TensorBoardLogger` is attached, to TensorBoard
+    under ``gallery/<split>_<index>``. The sanity check is skipped; only global rank 0 explains and writes.
+
+    Args:
+        every_n_epochs: write after epochs ``n - 1, 2n - 1, ...``.
+        num_images: samples in the gallery.
+        split: datamodule split the samples come from.
+        out_dir: root folder of the epoch folders.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, split: Literal["val", "test"] = "val",
+                 out_dir: str | None = None) -> None:
+        if every_n_epochs < 1 or num_images < 1:
+            raise ValueError(f"ExplanationGallery needs every_n_epochs >= 1 and num_images >= 1; got "
+                             f"{every_n_epochs} and {num_images}")
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.split = split
+        self.out_dir = out_dir
+        self._batch: dict[str, Any] | None = None
+
+    def _samples(self, trainer: L.Trainer) -> dict[str, Any]:
+        if self._batch is None:
+            loader = getattr(trainer.datamodule, f"{self.split}_dataloader", None)
+            if loader is None:
+                raise ValueError(f"ExplanationGallery(split='{self.split}') needs a datamodule with "
+                                 f"{self.split}_dataloader(); got {type(trainer.datamodule).__name__}")
+            with torch.inference_mode(False):
+                self._batch = first_samples(loader(), self.num_images)
+        return self._batch
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: XVLMModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        root = Path(self.out_dir or Path(trainer.log_dir) / "gallery")  # log_dir is collective: every rank asks
+        if not trainer.is_global_zero:
+            return
+        batch = self._samples(trainer)
+        names = sample_names(batch, self.split)
+        folder = root / f"epoch_{trainer.current_epoch:03d}"
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        for name, figure in zip(names, render_batch(pl_module, batch, names)):
+            save_figure(figure, folder / f"{name}.png")
+            for logger in loggers:
+                logger.experiment.add_figure(f"gallery/{name}", figure, global_step=trainer.global_step, close=False)
