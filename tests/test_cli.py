@@ -24,7 +24,7 @@ TINY_RUN = {
     },
     "model": {
         "class_path": "xvlm.methods.CLIPFineTune",
-        "init_args": {"model": "xvlm-tiny", "pretrained": None, "image_size": 32, "lr": 1e-3, "warmup_steps": 2},
+        "init_args": {"model": "xvlm-tiny", "pretrained": None, "input_size": 32, "lr": 1e-3, "warmup_steps": 2},
     },
     "data": {
         "class_path": "datamodules.ShapesDataModule",

@@ -24,7 +24,7 @@ class _FakeTrainer:
 
 
 def _module_on(datamodule, **kwargs):
-    module = CLIPFineTune(pretrained=None, image_size=32, **kwargs)
+    module = CLIPFineTune(pretrained=None, input_size=32, **kwargs)
     module._trainer = _FakeTrainer(datamodule)
     module.setup("fit")
     return module
@@ -66,7 +66,7 @@ def test_class_text_features_average_templates():
 
 
 def test_setup_without_a_task_names_the_problem():
-    module = CLIPFineTune(pretrained=None, image_size=32)
+    module = CLIPFineTune(pretrained=None, input_size=32)
     module._trainer = _FakeTrainer(object())
     with pytest.raises(ValueError, match="needs a datamodule that publishes a Task"):
         module.setup("fit")

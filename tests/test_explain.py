@@ -136,7 +136,7 @@ def test_explain_batch_allows_gradients_inside_inference_mode_and_restores_modes
 def test_gallery_writes_the_same_samples_every_chosen_epoch(tmp_path):
     data = ShapesDataModule(task="objects", image_size=32, batch_size=2, train_size=4, val_size=6, test_size=4,
                             augment=False)
-    model = CLIPFineTune(pretrained=None, image_size=32, lr=1e-3, warmup_steps=1)
+    model = CLIPFineTune(pretrained=None, input_size=32, lr=1e-3, warmup_steps=1)
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = L.Trainer(
         default_root_dir=tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=1, logger=logger,

@@ -2,6 +2,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import yaml
 import torch
 
 from xvlm import shapes_pretraining
@@ -67,3 +68,19 @@ def test_full_build_meets_the_transfer_targets(tmp_path, name, zsl, h, shape):
     assert report["zsl"] >= zsl and report["H"] >= h
     if shape is not None:
         assert report["zsl_shape"] >= shape
+
+
+def test_building_from_the_cli_uses_the_build_recipe_not_the_run_settings(quick_recipes, tmp_path, monkeypatch):
+    from test_cli import TINY_RUN
+    from xvlm.cli import main
+
+    monkeypatch.setenv("XVLM_CHECKPOINT_DIR", str(tmp_path / "fresh"))
+    monkeypatch.chdir(tmp_path)
+    config = {**TINY_RUN, "model": {**TINY_RUN["model"], "init_args": {
+        **TINY_RUN["model"]["init_args"], "pretrained": "shapes", "input_size": None, "lr": 0.123}}}
+    config["data"] = {**config["data"], "init_args": {**config["data"]["init_args"], "image_size": 64}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    main(["fit", "--config", "run.yaml", "--trainer.max_epochs", "1"])
+    report = json.loads((tmp_path / "fresh/backbones/xvlm-tiny-shapes.json").read_text())
+    assert report["recipe"]["lr"] == shapes_pretraining.RECIPES["xvlm-tiny"].lr != 0.123
+    assert (tmp_path / "checkpoints/default/last.ckpt").is_file()

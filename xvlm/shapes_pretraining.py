@@ -12,6 +12,7 @@ cached train identically afterwards. ``XVLM_CHECKPOINT_DIR`` moves the cache (de
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import time
@@ -70,7 +71,9 @@ def shapes_backbone_path(model_name: str) -> Path:
     if int(os.environ.get("LOCAL_RANK", "0")) > 0:
         _wait_for(path)
     else:
-        build_shapes_backbone(model_name, path, RECIPES[model_name])
+        # An empty context: hyper-parameters that LightningCLI hands to the module being constructed (a context
+        # variable) must not leak into the modules of the build.
+        contextvars.Context().run(build_shapes_backbone, model_name, path, RECIPES[model_name])
     return path
 
 
@@ -99,7 +102,7 @@ def build_shapes_backbone(model_name: str, path: Path, recipe: BuildRecipe) -> d
         datamodule = ShapesDataModule(task="attributes", image_size=recipe.image_size, batch_size=recipe.batch_size,
                                       seed=recipe.seed, train_size=recipe.steps * recipe.batch_size,
                                       val_size=recipe.val_size)
-        module = CLIPFineTune(model=model_name, pretrained=None, image_size=recipe.image_size,
+        module = CLIPFineTune(model=model_name, pretrained=None, input_size=recipe.image_size,
                               templates=CAPTION_TEMPLATES, lr=recipe.lr, weight_decay=recipe.weight_decay,
                               warmup_steps=recipe.warmup_steps)
         trainer = L.Trainer(max_steps=recipe.steps, max_epochs=1, logger=False, enable_checkpointing=False,

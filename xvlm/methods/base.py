@@ -44,7 +44,9 @@ class XVLMModule(L.LightningModule):
         model: open_clip architecture name.
         pretrained: weights source (see :mod:`xvlm.backbones`).
         freeze: tower(s) kept fixed: none, image, text, all.
-        image_size: input side; ``None`` keeps the architecture's.
+        input_size: image side the backbone takes (positional embeddings are resized); ``None`` keeps the
+            architecture's. Named apart from the datamodule's ``image_size``, whose value Lightning would
+            otherwise have to merge with this one in the logged hyper-parameters.
         init_weights: checkpoint or state dict whose matching tensors initialise this module.
         templates: prompt templates for class names; class text features average over them.
         lr: peak learning rate.
@@ -57,7 +59,7 @@ class XVLMModule(L.LightningModule):
         model: str = "xvlm-tiny",
         pretrained: str | None = "shapes",
         freeze: Freeze = "none",
-        image_size: int | None = None,
+        input_size: int | None = None,
         init_weights: str | None = None,
         templates: Sequence[str] = DEFAULT_TEMPLATES,
         lr: float = 1e-4,
@@ -66,7 +68,7 @@ class XVLMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = VisionLanguageModel(model, pretrained, freeze, image_size)
+        self.backbone = VisionLanguageModel(model, pretrained, freeze, input_size)
         if init_weights is not None:
             load_weights(self, init_weights)
         self.templates = tuple(templates)
