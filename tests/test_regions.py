@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from datamodules import ShapesDataModule
+from xvlm.backbones import VisionLanguageModel
+from xvlm.zeroshot import lazsl_scores
+from xvlm.zeroshot.regions import (
+    crop_weights,
+    descriptor_contributions,
+    descriptor_heatmaps,
+    explain_lazsl,
+    hybrid_similarity,
+    mass_in_mask,
+    uniform_mass_in_mask,
+)
+
+
+def _features(b=3, c=5, n=6, m=4, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    crops = torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    glob = torch.randn(b, d, generator=g, dtype=torch.float64)
+    desc = torch.randn(c, m, d, generator=g, dtype=torch.float64)
+    mask = torch.arange(m) < torch.randint(1, m + 1, (c,), generator=g)[:, None]
+    return crops, glob, desc * mask[..., None], mask
+
+
+def _boxes(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    side = torch.randint(2, size + 1, (n,), generator=g)
+    x0 = (torch.rand(n, generator=g) * (size - side + 1)).floor()
+    y0 = (torch.rand(n, generator=g) * (size - side + 1)).floor()
+    return torch.stack([x0, y0, x0 + side, y0 + side], dim=-1).double()
+
+
+def test_contributions_sum_to_the_lazsl_score_of_the_explained_class():
+    crops, glob, desc, mask = _features()
+    out = lazsl_scores(crops, glob, desc, mask)
+    explained = torch.tensor([4, 0, 2])
+    rows = torch.arange(3)
+    hybrid = hybrid_similarity(crops, glob, desc[explained], theta=0.8)
+    contributions = descriptor_contributions(out.plans[rows, explained], hybrid)
+    torch.testing.assert_close(contributions.sum(-1), out.scores[rows, explained], atol=1e-5, rtol=0)
+    assert (contributions[~mask[explained]] == 0).all()
+
+
+def test_a_plan_on_one_crop_maps_that_crop_box():
+    boxes = torch.tensor([[1.0, 2.0, 5.0, 6.0], [0.0, 0.0, 8.0, 8.0]], dtype=torch.float64)
+    plan = torch.tensor([[0.25, 0.5], [0.0, 0.0]], dtype=torch.float64)
+    box = torch.zeros(8, 8, dtype=torch.float64)
+    box[2:6, 1:5] = 1
+    raw = descriptor_heatmaps(plan, boxes, (8, 8), normalise_by_coverage=False)
+    torch.testing.assert_close(raw, torch.stack([0.25 * box, 0.5 * box]))
+    alone = descriptor_heatmaps(plan, boxes, (8, 8), keep=torch.tensor([True, False]))
+    torch.testing.assert_close(alone, raw)
+    halved = descriptor_heatmaps(plan, boxes, (8, 8))
+    torch.testing.assert_close(halved, raw / 2)
+
+
+def test_coverage_normalisation_matches_a_direct_loop():
+    n, m, size = 7, 3, 9
+    boxes = _boxes(n, size)
+    plan = torch.rand(n, m, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor([True, False, True, True, False, True, True])
+    plan[~keep] = 0
+    expected = torch.zeros(m, size, size, dtype=torch.float64)
+    for y in range(size):
+        for x in range(size):
+            inside = [k for k in range(n) if boxes[k, 0] <= x < boxes[k, 2] and boxes[k, 1] <= y < boxes[k, 3]]
+            cover = sum(bool(keep[k]) for k in inside)
+            for j in range(m):
+                expected[j, y, x] = sum(float(plan[k, j]) for k in inside) / cover if cover else 0.0
+    maps = descriptor_heatmaps(plan, boxes, (size, size), keep=keep)
+    torch.testing.assert_close(maps, expected)
+    torch.testing.assert_close(maps.sum((-2, -1)), plan.T @ crop_weights(boxes, (size, size), keep))
+
+
+def test_mass_in_mask_by_hand():
+    maps = torch.tensor([[[1.0, 3.0], [0.0, 4.0]], [[2.0, 2.0], [2.0, 2.0]]])
+    mask = torch.tensor([[True, False], [False, True]])
+    torch.testing.assert_close(mass_in_mask(maps, mask), torch.tensor([5 / 8, 0.5]))
+    torch.testing.assert_close(uniform_mass_in_mask(mask), torch.tensor(0.5))
+
+
+@pytest.fixture(scope="module")
+def shapes_explanation():
+    torch.manual_seed(0)
+    datamodule = ShapesDataModule(task="attributes", image_size=32, batch_size=6, val_size=6, augment=False)
+    datamodule.setup()
+    batch = next(iter(datamodule.val_dataloader()))
+    encoder = VisionLanguageModel("xvlm-tiny", pretrained=None, image_size=32).eval()
+    with torch.no_grad():
+        explanation = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, n_crops=5)
+        chosen = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, batch["label"], n_crops=5)
+    return datamodule.task, batch, explanation, chosen
+
+
+def test_explanation_shapes_and_padding(shapes_explanation):
+    task, batch, out, _ = shapes_explanation
+    b, c = len(batch["label"]), task.num_classes
+    m = out["descriptor_maps"].shape[1]
+    assert out["logits"].shape == (b, c) and out["predicted"].shape == (b,)
+    assert out["descriptor_maps"].shape == (b, m, 32, 32) and out["descriptor_contributions"].shape == (b, m)
+    assert len(out["descriptor_names"]) == b and all(len(names) == m for names in out["descriptor_names"])
+    torch.testing.assert_close(out["predicted"], out["logits"].argmax(1))
+    padded = torch.tensor([[name == "" for name in names] for names in out["descriptor_names"]])
+    torch.testing.assert_close(out["descriptor_mask"], ~padded)
+    assert padded.any()
+    assert (out["descriptor_maps"][padded] == 0).all() and (out["descriptor_contributions"][padded] == 0).all()
+    rows = torch.arange(b)
+    scores = out["logits"][rows, out["predicted"]]
+    torch.testing.assert_close(out["descriptor_contributions"].sum(-1), scores, atol=1e-5, rtol=0)
+
+
+def test_explaining_given_classes_names_their_descriptors(shapes_explanation):
+    task, batch, _, out = shapes_explanation
+    torch.testing.assert_close(out["explained"], batch["label"])
+    for names, label in zip(out["descriptor_names"], batch["label"].tolist()):
+        assert [name for name in names if name] == task.descriptors[task.class_names[label]]
+
+
+def test_map_masses_follow_the_plan_columns_and_crop_weights(shapes_explanation):
+    _, _, out, _ = shapes_explanation
+    maps, plans, keep = out["descriptor_maps"], out["plans"], out["crop_keep"]
+    weights = crop_weights(out["boxes"], (32, 32), keep)
+    torch.testing.assert_close(maps.sum((-2, -1)), torch.einsum("bnm,bn->bm", plans, weights), atol=1e-5, rtol=1e-5)
+    real = torch.tensor([[name != "" for name in names] for names in out["descriptor_names"]])
+    column_mass = plans.sum(1)
+    torch.testing.assert_close(column_mass, real / real.sum(1, keepdim=True), atol=1e-5, rtol=0)
+    kept_plan = keep[..., None].to(plans.dtype)
+    kept_boxes = descriptor_heatmaps(kept_plan, out["boxes"], (32, 32), normalise_by_coverage=False)
+    covered = kept_boxes[:, 0] > 0
+    flat = covered / keep.sum(1)[:, None, None]
+    torch.testing.assert_close(maps.sum(1), flat.to(maps.dtype), atol=1e-5, rtol=0)

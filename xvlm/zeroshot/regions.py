@@ -1,0 +1,250 @@
+"""Region-level explanation of LaZSL: descriptor contributions and per-descriptor heat maps (spec §9).
+
+For the explained class ``k`` of an image, with OT plan ``T [N, M]`` and hybrid similarity
+``H = θ P Q_kᵀ + (1 − θ) 1 (Q_k p_g)ᵀ`` (:func:`xvlm.zeroshot.lazsl_scores`):
+
+- **contribution** of descriptor ``j``: ``c_j = Σ_n T_nj H_nj``, so ``Σ_j c_j = ψ_k``, the class score;
+- **heat map** of descriptor ``j``: ``R_j(p) = Σ_n T_nj 1[p ∈ box_n]``, divided (by default) by the coverage
+  ``cov(p) = Σ_n keep_n 1[p ∈ box_n]``, the number of kept crops over pixel ``p`` (0 where none covers it), so
+  that central pixels are not favoured just because more crops overlap there.
+
+Pixel ``p = (y, x)`` is the unit square ``[x, x + 1) × [y, y + 1)``; it lies in box ``(x0, y0, x1, y1)`` iff its
+centre does. Mass bookkeeping: ``Σ_p R_j(p) = Σ_n T_nj w_n`` with the crop weight ``w_n = |box_n|`` (raw sum) or
+``w_n = Σ_{p ∈ box_n} 1 / cov(p)`` (normalised, :func:`crop_weights`). As the plan's rows are ``μ`` (uniform
+``1 / N_kept`` on kept crops), the normalised maps of all descriptors add up to ``1 / N_kept`` on every covered
+pixel: the total heat is flat and only its split between descriptors varies.
+
+The quality check (:func:`mass_in_mask`) is the share of a map's mass inside the object mask; a uniform map
+scores the mask's area fraction (:func:`uniform_mass_in_mask`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from datamodules.task import Task
+from xvlm.backbones import VisionLanguageModel
+from xvlm.zeroshot.lazsl import descriptor_sentences, encode_descriptors, image_seeds, lazsl_scores, make_views
+
+__all__ = [
+    "box_indicators",
+    "crop_weights",
+    "descriptor_contributions",
+    "descriptor_heatmaps",
+    "explain_lazsl",
+    "hybrid_similarity",
+    "mass_in_mask",
+    "uniform_mass_in_mask",
+]
+
+
+def descriptor_contributions(plan: torch.Tensor, hybrid: torch.Tensor) -> torch.Tensor:
+    """Evidence per descriptor ``c_j = Σ_n T_nj H_nj``; the contributions sum to the class score ``ψ = <T, H>``.
+
+    Args:
+        plan: ``[..., N, M]`` OT plan ``T`` of one class.
+        hybrid: ``[..., N, M]`` hybrid similarity ``H`` of the same class.
+
+    Returns:
+        ``[..., M]`` contributions (zero on padded descriptors, where ``T`` is zero).
+    """
+    return (plan * hybrid).sum(dim=-2)
+
+
+def hybrid_similarity(
+    crop_feats: torch.Tensor, global_feats: torch.Tensor, desc_feats: torch.Tensor, theta: float
+) -> torch.Tensor:
+    """Hybrid similarity ``H = θ P Qᵀ + (1 − θ) 1 (Q p_g)ᵀ`` of each image against its own class's descriptors.
+
+    Args:
+        crop_feats: ``[B, N, D]`` crop features ``P`` (normalised here).
+        global_feats: ``[B, D]`` global-view features ``p_g`` (normalised here).
+        desc_feats: ``[B, M, D]`` descriptor features ``Q`` of each image's explained class (zero rows stay zero).
+        theta: weight ``θ`` of the crop–descriptor similarity.
+
+    Returns:
+        ``[B, N, M]``.
+    """
+    crops, glob, desc = (F.normalize(t, dim=-1) for t in (crop_feats, global_feats, desc_feats))
+    crop_sim = torch.einsum("bnd,bmd->bnm", crops, desc)
+    global_sim = torch.einsum("bd,bmd->bm", glob, desc)
+    return theta * crop_sim + (1 - theta) * global_sim[:, None, :]
+
+
+def box_indicators(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel masks of boxes: ``1[x0 ≤ x + ½ < x1 and y0 ≤ y + ½ < y1]``.
+
+    Args:
+        boxes: ``[..., N, 4]`` boxes ``(x0, y0, x1, y1)`` in pixel-edge coordinates.
+        image_size: ``(H, W)``.
+
+    Returns:
+        ``[..., N, H, W]`` float indicators in the boxes' dtype.
+    """
+    height, width = image_size
+    ys = torch.arange(height, dtype=boxes.dtype, device=boxes.device) + 0.5
+    xs = torch.arange(width, dtype=boxes.dtype, device=boxes.device) + 0.5
+    in_y = (ys >= boxes[..., 1:2]) & (ys < boxes[..., 3:4])
+    in_x = (xs >= boxes[..., 0:1]) & (xs < boxes[..., 2:3])
+    return (in_y[..., :, None] & in_x[..., None, :]).to(boxes.dtype)
+
+
+def _coverage(indicators: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``cov(p) = Σ_n keep_n 1[p ∈ box_n]``, ``[..., H, W]`` from indicators ``[..., N, H, W]``."""
+    if keep is None:
+        return indicators.sum(dim=-3)
+    return torch.einsum("...n,...nhw->...hw", keep.to(indicators.dtype), indicators)
+
+
+def _safe_inverse(coverage: torch.Tensor) -> torch.Tensor:
+    """``1 / cov`` where ``cov > 0``, else 0."""
+    return torch.where(coverage > 0, 1 / coverage.clamp_min(1), torch.zeros_like(coverage))
+
+
+def crop_weights(
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    keep: torch.Tensor | None = None,
+    normalise_by_coverage: bool = True,
+) -> torch.Tensor:
+    """Heat-map mass a unit of plan on crop ``n`` produces: ``Σ_p R_j(p) = Σ_n T_nj w_n``.
+
+    Args:
+        boxes: ``[..., N, 4]`` crop boxes.
+        image_size: ``(H, W)``.
+        keep: ``[..., N]`` bool, the crops counted in the coverage (all if None).
+        normalise_by_coverage: ``w_n = Σ_{p ∈ box_n} 1 / cov(p)`` if True, else the box area ``|box_n|``.
+
+    Returns:
+        ``[..., N]`` weights ``w``.
+    """
+    indicators = box_indicators(boxes, image_size)
+    if not normalise_by_coverage:
+        return indicators.sum(dim=(-2, -1))
+    inverse = _safe_inverse(_coverage(indicators, keep))
+    return torch.einsum("...nhw,...hw->...n", indicators, inverse)
+
+
+def descriptor_heatmaps(
+    plan: torch.Tensor,
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    normalise_by_coverage: bool = True,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-descriptor heat maps ``R_j(p) = Σ_n T_nj 1[p ∈ box_n] / cov(p)`` (module docstring).
+
+    Args:
+        plan: ``[..., N, M]`` OT plan ``T`` of one class (zero rows on dropped crops).
+        boxes: ``[..., N, 4]`` crop boxes ``(x0, y0, x1, y1)`` in pixel-edge coordinates.
+        image_size: ``(H, W)`` of the maps.
+        normalise_by_coverage: divide by ``cov(p)`` (0 where no counted crop covers ``p``); else the raw sum.
+        keep: ``[..., N]`` bool, the crops counted in ``cov`` (the kept crops; all if None).
+
+    Returns:
+        ``[..., M, H, W]`` maps; ``Σ_p R_j(p) = Σ_n T_nj w_n`` with ``w`` from :func:`crop_weights`.
+    """
+    indicators = box_indicators(boxes.to(plan.dtype), image_size)
+    maps = torch.einsum("...nm,...nhw->...mhw", plan, indicators)
+    if not normalise_by_coverage:
+        return maps
+    return maps * _safe_inverse(_coverage(indicators, keep)).unsqueeze(-3)
+
+
+def mass_in_mask(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Share of each map's mass inside the mask, ``Σ_p R(p) 1[p ∈ mask] / Σ_p R(p)`` (NaN for an all-zero map).
+
+    Args:
+        maps: ``[..., H, W]`` non-negative maps.
+        mask: ``[H, W]`` bool mask, or any shape that broadcasts against ``maps`` (e.g. ``[B, 1, H, W]``).
+
+    Returns:
+        ``[...]`` shares in ``[0, 1]``.
+    """
+    inside = (maps * mask.to(maps.dtype)).sum(dim=(-2, -1))
+    return inside / maps.sum(dim=(-2, -1))
+
+
+def uniform_mass_in_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The :func:`mass_in_mask` of a uniform map: the mask's area fraction, ``[...]`` from ``mask [..., H, W]``."""
+    return mask.float().mean(dim=(-2, -1))
+
+
+def explain_lazsl(
+    encoder: VisionLanguageModel,
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    task: Task,
+    class_index: torch.Tensor | None = None,
+    *,
+    n_crops: int = 16,
+    alpha: float = 0.6,
+    beta: float = 0.9,
+    theta: float = 0.8,
+    eps: float = 0.1,
+    seed: int = 1,
+    normalise_by_coverage: bool = True,
+) -> dict[str, Any]:
+    """LaZSL explanation of a batch over all the task's classes, in the renderer's conventions.
+
+    Scores the images as :class:`xvlm.zeroshot.LaZSL` does (same crops for the same ``seed`` and indices), then
+    explains class ``class_index`` (the prediction if None) by its descriptors' contributions and heat maps.
+    Call in eval mode under ``torch.no_grad()``.
+
+    Args:
+        encoder: the towers to score with.
+        images: ``[B, 3, H, W]`` CLIP-normalised images.
+        indices: ``[B]`` dataset indices (they seed the crops).
+        task: the label space; needs ``descriptors``.
+        class_index: ``[B]`` class to explain per image, or None for the predicted one.
+        n_crops: crops ``N`` per image.
+        alpha: smallest crop side as a fraction of the short side.
+        beta: largest crop side as a fraction of the short side.
+        theta: weight ``θ`` of the crop similarity.
+        eps: Sinkhorn regulariser ``ε``.
+        seed: crop seed.
+        normalise_by_coverage: divide the heat maps by the kept-crop coverage (spec default).
+
+    Returns:
+        ``predicted [B]``, ``logits [B, C]`` (LaZSL scores), ``explained [B]`` (the class explained),
+        ``descriptor_maps [B, M, H, W]``, ``descriptor_names`` (``B`` lists of ``M`` descriptors, "" for padding),
+        ``descriptor_contributions [B, M]`` (``Σ_j c_j = ψ``), ``descriptor_mask [B, M]`` (bool, the real
+        descriptors; a padded one's 0 can outrank negative contributions), ``plans [B, N, M]``, ``crop_keep [B, N]`` and
+        ``boxes [B, N, 4]``. Padded descriptors have zero maps and contributions.
+    """
+    descriptors = task.require("descriptors", "explain_lazsl")
+    sentences, desc_mask = descriptor_sentences(task.class_names, descriptors)
+    text = encode_descriptors(encoder, sentences, desc_mask)
+    views, boxes = make_views(images, n_crops, alpha, beta, seeds=image_seeds(seed, indices.tolist()),
+                              out_size=encoder.image_size)
+    feats = encoder.encode_image(views.flatten(0, 1)).view(*views.shape[:2], -1)
+    out = lazsl_scores(feats[:, 1:], feats[:, 0], text, desc_mask, theta=theta, eps=eps)
+    predicted = out.scores.argmax(dim=1)
+    explained = predicted if class_index is None else class_index.to(predicted.device)
+    rows = torch.arange(len(images), device=predicted.device)
+    plan = out.plans[rows, explained]
+    hybrid = hybrid_similarity(feats[:, 1:], feats[:, 0], text[explained], theta)
+    keep_desc = desc_mask.to(plan.device)[explained]
+    maps = descriptor_heatmaps(plan, boxes, tuple(images.shape[-2:]), normalise_by_coverage, keep=out.crop_keep)
+    return {
+        "predicted": predicted,
+        "logits": out.scores,
+        "explained": explained,
+        "descriptor_maps": maps * keep_desc[..., None, None],
+        "descriptor_names": [_descriptor_names(task.class_names[k], descriptors, plan.shape[-1])
+                             for k in explained.tolist()],
+        "descriptor_contributions": descriptor_contributions(plan, hybrid) * keep_desc,
+        "descriptor_mask": keep_desc,
+        "plans": plan,
+        "crop_keep": out.crop_keep,
+        "boxes": boxes,
+    }
+
+
+def _descriptor_names(name: str, descriptors: dict[str, list[str]], width: int) -> list[str]:
+    """Class ``name``'s descriptor phrases (its name if it has none, deviation 8) padded with "" to ``width``."""
+    phrases = descriptors[name] or [name]
+    return phrases + [""] * (width - len(phrases))
