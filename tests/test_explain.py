@@ -190,6 +190,16 @@ def test_explain_command_writes_one_png_per_split_sample(trained):
                                                                         "val_00002.png"]
 
 
+def test_explain_command_lazsl_writes_descriptor_heat_maps(trained):
+    plain = xvlm("explain", "--config", "tiny.yaml", "--ckpt_path", CKPT, "--split", "val", "--num_images", "1",
+                 "--out", "out/plain", cwd=trained)
+    lazsl = xvlm("explain", "--config", "tiny.yaml", "--ckpt_path", CKPT, "--split", "val", "--num_images", "1",
+                 "--out", "out/lazsl", "--lazsl", cwd=trained)
+    assert plain.returncode == 0 and lazsl.returncode == 0, lazsl.stderr
+    # LaZSL adds a panel per top descriptor and a ranking, so its figure is wider than the saliency one.
+    assert imread(trained / "out/lazsl/val_00000.png").shape[1] > imread(trained / "out/plain/val_00000.png").shape[1]
+
+
 def test_explain_command_writes_one_png_per_image_file(trained):
     Image.fromarray(np.full((40, 56, 3), (220, 30, 30), dtype=np.uint8)).save(trained / "red.png")
     Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).convert("L").save(trained / "grey.jpg")

@@ -30,6 +30,7 @@ from xvlm.checkpointing import check_checkpoint_class, class_path
 from xvlm.explain.gallery import first_samples, render_batch, sample_names
 from xvlm.explain.render import save_figure
 from xvlm.methods.base import XVLMModule
+from xvlm.zeroshot.regions import lazsl_explainer
 
 STAGES = {"images": "predict", "val": "validate", "test": "test"}
 """Datamodule ``setup`` stage per source of images."""
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--split", choices=("val", "test"), default="val", help="Split to explain (default val).")
     parser.add_argument("--num_images", type=int, default=8, help="Samples of --split to explain (default 8).")
     parser.add_argument("--out", required=True, help="Folder of the PNG files.")
+    parser.add_argument("--lazsl", action="store_true",
+                        help="Explain with LaZSL on the module's zero-shot towers: per-descriptor region heat maps.")
     return parser
 
 
@@ -117,6 +120,7 @@ def explain_command(argv: Sequence[str], build_cli: Callable[..., LightningCLI])
     for start in range(0, len(names), CHUNK):
         part = {key: value[start : start + CHUNK] for key, value in batch.items()}
         part_names = names[start : start + CHUNK]
-        for name, figure in zip(part_names, render_batch(model, part, part_names)):
+        explainer = lazsl_explainer(model) if args.lazsl else None
+        for name, figure in zip(part_names, render_batch(model, part, part_names, explainer)):
             save_figure(figure, out / f"{name}.png")
     print(out)

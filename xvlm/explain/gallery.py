@@ -8,7 +8,7 @@ with ``torch.enable_grad()`` inside ``explain``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,8 +50,11 @@ def sample_names(batch: dict[str, Any], prefix: str) -> list[str]:
     return [f"{prefix}_{int(index):05d}" for index in indices]
 
 
-def explain_batch(module: XVLMModule, batch: dict[str, Any]) -> dict[str, Any]:
-    """``module.explain(batch)`` on the module's device in eval mode, with every submodule's mode restored after.
+def explain_batch(
+    module: XVLMModule, batch: dict[str, Any], explainer: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """``explainer(batch)`` (default ``module.explain``) on the module's device in eval mode, with every
+    submodule's mode restored after.
 
     Returns:
         The explanation with its tensors on the CPU (keys: :mod:`xvlm.explain.render`).
@@ -60,16 +63,22 @@ def explain_batch(module: XVLMModule, batch: dict[str, Any]) -> dict[str, Any]:
     module.eval()
     try:
         with torch.inference_mode(False), torch.no_grad():
-            explanation = module.explain(move_data_to_device(batch, module.device))
+            explanation = (explainer or module.explain)(move_data_to_device(batch, module.device))
     finally:
         for submodule, training in modes.items():
             submodule.train(training)
     return move_data_to_device(explanation, "cpu")
 
 
-def render_batch(module: XVLMModule, batch: dict[str, Any], names: Sequence[str]) -> list[Figure]:
-    """One figure per sample of ``batch`` (``image [B, 3, H, W]``, optional ``label [B]``), titled by ``names``."""
-    explanation = explain_batch(module, batch)
+def render_batch(
+    module: XVLMModule,
+    batch: dict[str, Any],
+    names: Sequence[str],
+    explainer: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> list[Figure]:
+    """One figure per sample of ``batch`` (``image [B, 3, H, W]``, optional ``label [B]``), titled by ``names``;
+    ``explainer`` as in :func:`explain_batch`."""
+    explanation = explain_batch(module, batch, explainer)
     labels = batch["label"].tolist() if "label" in batch else [None] * len(names)
     return [
         render_explanation(batch["image"][i], sample_explanation(explanation, i), module.task.class_names,

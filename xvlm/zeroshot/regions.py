@@ -20,13 +20,17 @@ scores the mask's area fraction (:func:`uniform_mass_in_mask`).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from datamodules.task import Task
 from xvlm.backbones import VisionLanguageModel
+
+if TYPE_CHECKING:
+    from xvlm.methods.base import XVLMModule
 from xvlm.zeroshot.lazsl import descriptor_sentences, encode_descriptors, image_seeds, lazsl_scores, make_views
 
 __all__ = [
@@ -248,3 +252,18 @@ def _descriptor_names(name: str, descriptors: dict[str, list[str]], width: int) 
     """Class ``name``'s descriptor phrases (its name if it has none, deviation 8) padded with "" to ``width``."""
     phrases = descriptors[name] or [name]
     return phrases + [""] * (width - len(phrases))
+
+
+def lazsl_explainer(module: XVLMModule, **options: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``explain(batch)`` by LaZSL on ``module``'s zero-shot towers (``xvlm explain --lazsl``).
+
+    The batch needs ``image``; ``index`` (dataset indices, which seed the crops) defaults to the positions.
+    ``options`` go to :func:`explain_lazsl`.
+    """
+
+    def explain(batch: dict[str, Any]) -> dict[str, Any]:
+        images = batch["image"]
+        indices = batch.get("index", torch.arange(len(images)))
+        return explain_lazsl(module.zero_shot_encoder(), images, indices, module.task, **options)
+
+    return explain
