@@ -16,7 +16,9 @@ lets a four-layer ViT tell shapes apart on 64-px images.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -106,11 +108,25 @@ def _resolve_pretrained(model: str, pretrained: str | None) -> tuple[str | None,
     )
 
 
+@contextmanager
+def _silenced_warnings(active: bool) -> Iterator[None]:
+    """Disable logging warnings inside the block when ``active``."""
+    if not active:
+        yield
+        return
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def create_clip(model: str, pretrained: str | None = None, image_size: int | None = None) -> nn.Module:
     """Build the open_clip model ``model`` (with its conv stem, if any) and load ``pretrained`` (module docstring)."""
     _check_model_name(model)
     local_file, tag = _resolve_pretrained(model, pretrained)
-    clip = open_clip.create_model(model, pretrained=tag, force_image_size=image_size)
+    with _silenced_warnings(local_file is not None):  # open_clip warns "initialized randomly" before we load
+        clip = open_clip.create_model(model, pretrained=tag, force_image_size=image_size)
     if model in CONV_STEMS:
         visual = clip.visual
         visual.conv1 = conv_stem(visual.conv1.out_channels, visual.patch_size[0], CONV_STEMS[model])
