@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/xvlm fit --config configs/demo.yaml
+	$(BIN)/xvlm fit --config configs/demo.yaml --ckpt_path last
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -81,6 +81,17 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir):
     assert {row["epoch"] for row in rows if row.get("val/U")} == {"0", "1", "2"}
 
 
+def test_a_fresh_fit_does_not_overwrite_an_existing_run(workdir):
+    last = workdir / "checkpoints/straight/last.ckpt"
+    if not last.exists():
+        pytest.skip("needs the run of the resume test")
+    before = last.read_bytes()
+    again = xvlm("fit", "--config", "tiny.yaml", "--run", "straight", "--trainer.max_epochs", "1", cwd=workdir)
+    assert again.returncode != 0
+    assert "run 'straight' already has checkpoints" in again.stderr and "--ckpt_path last" in again.stderr
+    assert last.read_bytes() == before
+
+
 def test_checkpoint_of_another_model_class_is_refused(workdir, tmp_path):
     ckpt = workdir / "checkpoints/straight/last.ckpt"
     if not ckpt.exists():

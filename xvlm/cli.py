@@ -63,6 +63,15 @@ def default_loggers(log_dir: str, run: str) -> list[Logger]:
     return loggers
 
 
+def _refuse_to_overwrite(parser: LightningArgumentParser, checkpoint_dir: str, run: str) -> None:
+    """Stop a fresh ``fit`` that would overwrite the checkpoints of an existing run (a SLURM requeue, which
+    resumes from ``hpc_ckpt_*.ckpt`` without ``--ckpt_path``, may go on)."""
+    folder = Path(run_dir(checkpoint_dir, run))
+    if (folder / "last.ckpt").is_file() and not any(folder.glob("hpc_ckpt_*.ckpt")):
+        parser.error(f"run '{run}' already has checkpoints in {folder}/. Resume it with `--ckpt_path last`, or start "
+                     f"a new run with `--run <another name>`.")
+
+
 class XVLMCLI(LightningCLI):
     """``LightningCLI`` with run folders, resume/best checkpoints and checkpoint-class checks (module docstring)."""
 
@@ -88,8 +97,11 @@ class XVLMCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
-        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand or "", self.config)
         ckpt_path = config.get("ckpt_path")
+        if subcommand == "fit" and not ckpt_path:
+            _refuse_to_overwrite(parser, config.checkpoint_dir, config.run)
         model = config.get("model")
         if ckpt_path and Path(ckpt_path).is_file() and model is not None and "class_path" in model:
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)

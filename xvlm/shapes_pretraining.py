@@ -37,7 +37,7 @@ PRIMITIVES = ("shape", "colour", "pattern")
 
 @dataclass(frozen=True)
 class BuildRecipe:
-    """How one tiny backbone is pretrained (sized for about four minutes on two CPU cores)."""
+    """How one tiny backbone is pretrained (sized for under five minutes on two CPU cores)."""
 
     steps: int = 190
     batch_size: int = 128
