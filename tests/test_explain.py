@@ -143,7 +143,8 @@ def test_gallery_writes_the_same_samples_every_chosen_epoch(tmp_path):
         accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[ExplanationGallery(num_images=3),  # spans two validation batches of 2
-                   ExplanationGallery(every_n_epochs=2, num_images=1, split="test", out_dir=str(tmp_path / "test"))],
+                   ExplanationGallery(every_n_epochs=2, num_images=1, split="test", out_dir=str(tmp_path / "test"),
+                                      explainer="lazsl")],
     )
     trainer.fit(model, data)
 
@@ -155,6 +156,8 @@ def test_gallery_writes_the_same_samples_every_chosen_epoch(tmp_path):
     assert [str(p.relative_to(tmp_path)) for p in (tmp_path / "test").rglob("*.png")] == [
         "test/epoch_001/test_00000.png"
     ]
+    # The LaZSL gallery draws descriptor heat maps and their ranking beside the image: more than two panels.
+    assert imread(tmp_path / "test/epoch_001/test_00000.png").shape[1] > 2 * PANEL
 
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()

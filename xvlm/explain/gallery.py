@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from xvlm.explain.render import render_explanation, sample_explanation, save_figure
 from xvlm.methods.base import XVLMModule
+from xvlm.zeroshot.regions import lazsl_explainer
 
 
 def _concat(parts: list[Any]) -> Any:
@@ -101,10 +102,12 @@ class ExplanationGallery(Callback):
         num_images: samples in the gallery.
         split: datamodule split the samples come from.
         out_dir: root folder of the epoch folders.
+        explainer: ``module`` renders the method's own ``explain``; ``lazsl`` renders LaZSL's per-descriptor region
+            heat maps of the module's zero-shot towers.
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8, split: Literal["val", "test"] = "val",
-                 out_dir: str | None = None) -> None:
+                 out_dir: str | None = None, explainer: Literal["module", "lazsl"] = "module") -> None:
         if every_n_epochs < 1 or num_images < 1:
             raise ValueError(f"ExplanationGallery needs every_n_epochs >= 1 and num_images >= 1; got "
                              f"{every_n_epochs} and {num_images}")
@@ -112,6 +115,7 @@ class ExplanationGallery(Callback):
         self.num_images = num_images
         self.split = split
         self.out_dir = out_dir
+        self.explainer = explainer
         self._batch: dict[str, Any] | None = None
 
     def _samples(self, trainer: L.Trainer) -> dict[str, Any]:
@@ -134,7 +138,8 @@ class ExplanationGallery(Callback):
         names = sample_names(batch, self.split)
         folder = root / f"epoch_{trainer.current_epoch:03d}"
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        for name, figure in zip(names, render_batch(pl_module, batch, names)):
+        explainer = lazsl_explainer(pl_module) if self.explainer == "lazsl" else None
+        for name, figure in zip(names, render_batch(pl_module, batch, names, explainer)):
             save_figure(figure, folder / f"{name}.png")
             for logger in loggers:
                 logger.experiment.add_figure(f"gallery/{name}", figure, global_step=trainer.global_step, close=False)
