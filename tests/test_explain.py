@@ -93,6 +93,19 @@ def test_renderer_draws_each_known_key_of_the_sample_and_ignores_the_rest(tmp_pa
     assert imread(save_figure(alone, tmp_path / "alone.png")).shape[:2] == (PANEL, PANEL)
 
 
+def test_padding_entries_named_empty_are_never_ranked():
+    explanation = {
+        "predicted": torch.tensor(0),
+        "descriptor_maps": torch.rand(3, 8, 8),
+        "descriptor_names": ["stripes", "", "five points"],
+        "descriptor_contributions": torch.tensor([-0.2, 0.0, -0.1]),
+    }
+    figure = render_explanation(grey_image(), explanation, CLASSES)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles[1:3] == ["descriptor: five points (-0.10)", "descriptor: stripes (-0.20)"]
+    assert len(figure.axes[-1].patches) == 2
+
+
 @pytest.mark.parametrize("corner", ["top-left", "bottom-right"])
 def test_saliency_panel_follows_the_map(tmp_path, corner):
     image = grey_image()

@@ -94,11 +94,11 @@ def _groups(explanation: dict[str, Any], suffixes: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _ranked(count: int, scores: torch.Tensor | None, limit: int) -> list[int]:
-    """Indices of the ``limit`` entries with the highest scores (the first ones without scores)."""
-    if scores is None:
-        return list(range(min(count, limit)))
-    return scores.argsort(descending=True, stable=True)[:limit].tolist()
+def _ranked(count: int, scores: torch.Tensor | None, limit: int, names: Sequence[str] | None) -> list[int]:
+    """Indices of the ``limit`` entries with the highest scores (the first ones without scores); entries named
+    ``""`` are padding and never shown."""
+    order = range(count) if scores is None else scores.argsort(descending=True, stable=True).tolist()
+    return [k for k in order if names is None or str(names[k])][:limit]
 
 
 def _entry_name(names: Sequence[str] | None, index: int) -> str:
@@ -174,7 +174,7 @@ def render_explanation(
         maps = explanation[group + MAP_SUFFIX]
         names = explanation.get(group + NAME_SUFFIX)
         scores = _scores(explanation, group)
-        for k in _ranked(len(maps), scores, top_k):
+        for k in _ranked(len(maps), scores, top_k, names):
             score = "" if scores is None else f" ({float(scores[k]):.2f})"
             panels.append(partial(_overlay, rgb=rgb, heat=maps[k], vmax=float(maps.max()),
                                   title=f"{group}: {_entry_name(names, k)}{score}"))
@@ -182,7 +182,7 @@ def render_explanation(
         names = explanation.get(group + NAME_SUFFIX)
         scores = _scores(explanation, group)
         if names is not None:
-            panels.append(partial(_bars, names=names, scores=scores, order=_ranked(len(scores), scores, top_bars),
+            panels.append(partial(_bars, names=names, scores=scores, order=_ranked(len(scores), scores, top_bars, names),
                                   title=group))
 
     count = 1 + len(panels)
