@@ -132,7 +132,7 @@ class XVLMCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``xvlm`` console script; ``xvlm explain ...`` runs :mod:`xvlm.explain.command`."""
-    args = sys.argv[1:] if args is None else list(args)
+    argv = sys.argv[1:] if args is None else list(args)
     cli = partial(
         XVLMCLI,
         model_class=XVLMModule,
@@ -143,10 +143,10 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
-    if args[:1] == ["explain"]:
-        explain_command(args[1:], partial(cli, run=False))
+    if argv[:1] == ["explain"]:
+        explain_command(argv[1:], partial(cli, run=False))
     else:
-        cli(args=args)
+        cli(args=args)  # None: LightningCLI reads sys.argv itself (and warns when given both)
 
 
 if __name__ == "__main__":
