@@ -139,7 +139,7 @@ def zero_shot_report(module, datamodule) -> dict:
     metric = GZSLMetrics(task.num_classes, task.seen, task.unseen)
     unseen = torch.as_tensor(task.unseen)
     factors = torch.as_tensor(np.asarray(datamodule.world.factors))
-    module._class_text = module.class_text_features()
+    module.on_validation_epoch_start()  # caches the class text features zero_shot_logits uses
     hits = {name: [] for name in PRIMITIVES}
     for batch in datamodule.val_dataloader():
         logits = module.zero_shot_logits(batch["image"].to(module.device)).cpu()
