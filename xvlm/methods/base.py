@@ -82,6 +82,18 @@ class XVLMModule(L.LightningModule):
         """The image and text towers as they are now (contract 3 of DESIGN.md)."""
         return self.backbone
 
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[B, C]`` of images ``[B, 3, H, W]`` over the task's classes (what saliency is scored on).
+
+        Here the zero-shot logits ``τ · f(x) g(T)ᵀ`` against every class prompt; a method with its own classifier
+        head overrides this. Differentiable, so saliency methods can back-propagate through it.
+        """
+        return self.backbone.logit_scale.exp() * self.backbone.encode_image(images) @ self._text_for_scoring().T
+
+    def _text_for_scoring(self) -> torch.Tensor:
+        """The class text features cached for this evaluation epoch, or freshly encoded outside one ``[C, D]``."""
+        return self._class_text if self._class_text is not None else self.class_text_features()
+
     def explain(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Patch–class similarity map of the predicted class (contract 4).
 
@@ -89,8 +101,8 @@ class XVLMModule(L.LightningModule):
         feature, min–max normalised per image and upsampled bilinearly; ``predicted [B]``; ``logits [B, C]``.
         """
         images = batch["image"]
-        text = self.class_text_features()
-        logits = self.backbone.logit_scale.exp() * self.backbone.encode_image(images) @ text.T
+        text = self._text_for_scoring()
+        logits = self.classify(images)
         predicted = logits.argmax(dim=1)
         tokens = self.backbone.encode_image_tokens(images, layers=1)
         patches = self.backbone.project_tokens(tokens.patches[-1])
