@@ -2,7 +2,7 @@
 
 ``python benchmarks/mass_in_mask.py [--pretrained PATH|shapes|none] [--images 64]`` explains the true class of
 Shapes ``attributes`` validation images (64 px) with :func:`xvlm.zeroshot.regions.explain_lazsl` and prints the
-mean :func:`~xvlm.zeroshot.regions.mass_in_mask` of the heat map of the descriptor with the largest contribution,
+mean :func:`~xvlm.metrics.saliency.mass_in_mask` of the heat map of the descriptor with the largest contribution,
 coverage-normalised and raw, against a uniform map (the mask's area fraction).
 """
 
@@ -18,7 +18,8 @@ import torch  # noqa: E402
 
 from datamodules import ShapesDataModule  # noqa: E402
 from xvlm.backbones import VisionLanguageModel  # noqa: E402
-from xvlm.zeroshot.regions import explain_lazsl, mass_in_mask, uniform_mass_in_mask  # noqa: E402
+from xvlm.metrics.saliency import mass_in_mask, uniform_mass_in_mask  # noqa: E402
+from xvlm.zeroshot.regions import explain_lazsl  # noqa: E402
 
 CACHED_SHAPES = Path(__file__).resolve().parents[1] / "checkpoints" / "backbones" / "xvlm-tiny-shapes.pt"
 

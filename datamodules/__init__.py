@@ -1,6 +1,8 @@
 """The DataModule zoo; every DataModule publishes a :class:`Task`."""
 
+from datamodules.cifar import CIFARDataModule
+from datamodules.folder import ImageFolderDataModule
 from datamodules.shapes import ShapesDataModule
 from datamodules.task import Task
 
-__all__ = ["ShapesDataModule", "Task"]
+__all__ = ["CIFARDataModule", "ImageFolderDataModule", "ShapesDataModule", "Task"]

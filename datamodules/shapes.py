@@ -37,16 +37,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from datamodules.loading import Split, ZooDataModule
 from datamodules.task import Task
-from datamodules.transforms import A, eval_transform, train_transform
+from datamodules.transforms import A, apply_transform, eval_transform, train_transform
 
 TaskName = Literal["objects", "attributes", "compositions"]
-Split = Literal["train", "val", "test"]
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "hexagon", "crescent")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -407,9 +406,8 @@ class ShapesDataset(Dataset):
     Items: ``image`` ``[3, S, S]`` float (CLIP-normalised), ``mask`` ``[S, S]`` bool, ``label``/``index`` long,
     ``seen`` bool, plus the task fields of :meth:`World.task_fields`.
 
-    A random ``transform`` is reseeded per item from torch's generator (the global one in the main process,
-    the worker's own in a loader worker). Lightning's ``seed_everything`` seeds both and xvlm checkpoints restore
-    the global one, so augmentation repeats exactly across runs, worker counts and resumption.
+    A random ``transform`` is reseeded per item from torch's generator (see
+    :func:`~datamodules.transforms.apply_transform`), so augmentation repeats across runs and resumption.
     """
 
     def __init__(self, world: World, split: Split, length: int, transform: A.Compose, random_transform: bool) -> None:
@@ -421,14 +419,13 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         raw = self.world.sample(self.split, index)
-        if self.random_transform:
-            self.transform.set_random_seed(int(torch.randint(2**31 - 1, ())))
-        out = self.transform(image=raw["image"], mask=raw["mask"].astype(np.uint8))
+        out = apply_transform(self.transform, self.random_transform, image=raw["image"],
+                              mask=raw["mask"].astype(np.uint8))
         return dict(image=out["image"], mask=out["mask"].bool(), label=torch.tensor(raw["label"]),
                     index=torch.tensor(index), seen=torch.tensor(raw["seen"]), **self.world.task_fields(raw))
 
 
-class ShapesDataModule(L.LightningDataModule):
+class ShapesDataModule(ZooDataModule):
     """The procedural Shapes world as a DataModule; ``self.task`` is ready after ``__init__``.
 
     Args:
@@ -452,37 +449,14 @@ class ShapesDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.world = build_world(task, seed, unseen_fraction, image_size)
         self.task: Task = self.world.task
-        self.datasets: dict[str, ShapesDataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build the three split datasets (cheap: samples are drawn on access)."""
+    def build_dataset(self, split: Split) -> ShapesDataset:
+        """The dataset of ``split`` (cheap: samples are drawn on access)."""
         hp = self.hparams
-        plain = eval_transform(hp.image_size)
-        train = train_transform(hp.image_size) if hp.augment else plain
-        self.datasets = {
-            "train": ShapesDataset(self.world, "train", hp.train_size, train, random_transform=hp.augment),
-            "val": ShapesDataset(self.world, "val", hp.val_size, plain, random_transform=False),
-            "test": ShapesDataset(self.world, "test", hp.test_size, plain, random_transform=False),
-        }
+        random = split == "train" and hp.augment
+        transform = train_transform(hp.image_size) if random else eval_transform(hp.image_size)
+        return ShapesDataset(self.world, split, hp[f"{split}_size"], transform, random_transform=random)
 
     def raw_sample(self, split: Split, index: int) -> dict:
         """Sample ``index`` of ``split`` before any transform (see :meth:`World.sample`), as the loaders draw it."""
         return self.world.sample(split, index)
-
-    def _loader(self, split: Split) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=split == "train",
-                          num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

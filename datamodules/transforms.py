@@ -3,6 +3,10 @@
 Images enter as ``[H, W, 3]`` uint8 RGB with an optional ``[H, W]`` mask (``mask=``); they leave as a
 CLIP-normalised float tensor ``[3, H, W]`` and a ``[H, W]`` mask tensor that followed every geometric step
 (nearest-neighbour). Training augmentation never touches hue: in the Shapes world colour is part of the label.
+
+Three families: Shapes (``train_transform`` / ``eval_transform``), natural photos of any size
+(``natural_train_transform`` / ``natural_eval_transform``) and CIFAR's 32-pixel images (``cifar_train_transform``,
+evaluated with ``eval_transform``). :func:`apply_transform` is the one place that seeds a random pipeline.
 """
 
 from __future__ import annotations
@@ -13,12 +17,18 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks 
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_GREY = 128
 """Fill of the image area that a shift or shrink uncovers (the mask gets 0 there)."""
+CIFAR_SIZE = 32
+"""Side of a CIFAR image in pixels."""
+CIFAR_PAD = 4
+"""Zero pixels added on every side before CIFAR's random crop."""
 
 
 def _to_clip_tensor() -> list[A.BasicTransform]:
@@ -46,3 +56,67 @@ def train_transform(image_size: int) -> A.Compose:
 def eval_transform(image_size: int) -> A.Compose:
     """Resize and normalise; deterministic."""
     return A.Compose([A.Resize(image_size, image_size), *_to_clip_tensor()])
+
+
+def natural_train_transform(image_size: int) -> A.Compose:
+    """Random resized crop (50-100 % of the area, aspect 3/4-4/3) to ``image_size`` square, horizontal flip.
+
+    Args:
+        image_size: output side in pixels.
+    """
+    return A.Compose(
+        [
+            A.RandomResizedCrop(size=(image_size, image_size), scale=(0.5, 1.0)),
+            A.HorizontalFlip(p=0.5),
+            *_to_clip_tensor(),
+        ]
+    )
+
+
+def natural_eval_transform(image_size: int) -> A.Compose:
+    """Resize the shorter side to ``image_size``, then crop the centre square; deterministic.
+
+    Args:
+        image_size: output side in pixels.
+    """
+    return A.Compose([A.SmallestMaxSize(max_size=image_size), A.CenterCrop(image_size, image_size), *_to_clip_tensor()])
+
+
+def cifar_train_transform(image_size: int) -> A.Compose:
+    """The LICO CIFAR recipe: pad 4 black pixels per side, random 32-pixel crop, horizontal flip.
+
+    The crop is resized to ``image_size`` when that differs from 32.
+
+    Args:
+        image_size: output side in pixels.
+    """
+    resize = [A.Resize(image_size, image_size)] if image_size != CIFAR_SIZE else []
+    return A.Compose(
+        [
+            A.Pad(padding=CIFAR_PAD, fill=0, border_mode=cv2.BORDER_CONSTANT),
+            A.RandomCrop(CIFAR_SIZE, CIFAR_SIZE),
+            A.HorizontalFlip(p=0.5),
+            *resize,
+            *_to_clip_tensor(),
+        ]
+    )
+
+
+def apply_transform(transform: A.Compose, random: bool, **targets: np.ndarray) -> dict:
+    """Run ``transform`` on one item; a ``random`` pipeline is first reseeded from torch's generator.
+
+    Torch's generator is the global one in the main process and the worker's own in a loader worker. Lightning's
+    ``seed_everything`` seeds both and xvlm checkpoints restore the global one, so augmentation repeats exactly
+    across runs, worker counts and resumption.
+
+    Args:
+        transform: the pipeline.
+        random: whether the pipeline draws random numbers.
+        targets: ``image=`` ``[H, W, 3]`` uint8 RGB and optional ``mask=`` ``[H, W]``.
+
+    Returns:
+        The pipeline's output: ``image`` ``[3, S, S]`` float and, when given, ``mask`` ``[S, S]``.
+    """
+    if random:
+        transform.set_random_seed(int(torch.randint(2**31 - 1, ())))
+    return transform(**targets)

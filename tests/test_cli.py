@@ -1,14 +1,12 @@
 """End-to-end runs of the ``xvlm`` command as a user would type it (subprocesses, 32-px Shapes, CPU)."""
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from run_cli import xvlm
 
 TINY_RUN = {
     "seed_everything": 0,
@@ -31,13 +29,6 @@ TINY_RUN = {
         "init_args": {"image_size": 32, "batch_size": 8, "train_size": 24, "val_size": 16},
     },
 }
-
-
-def xvlm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(Path(__file__).parent)}
-    command = [str(Path(sys.executable).parent / "xvlm"), *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

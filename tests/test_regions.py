@@ -10,8 +10,6 @@ from xvlm.zeroshot.regions import (
     descriptor_heatmaps,
     explain_lazsl,
     hybrid_similarity,
-    mass_in_mask,
-    uniform_mass_in_mask,
 )
 
 
@@ -72,13 +70,6 @@ def test_coverage_normalisation_matches_a_direct_loop():
     maps = descriptor_heatmaps(plan, boxes, (size, size), keep=keep)
     torch.testing.assert_close(maps, expected)
     torch.testing.assert_close(maps.sum((-2, -1)), plan.T @ crop_weights(boxes, (size, size), keep))
-
-
-def test_mass_in_mask_by_hand():
-    maps = torch.tensor([[[1.0, 3.0], [0.0, 4.0]], [[2.0, 2.0], [2.0, 2.0]]])
-    mask = torch.tensor([[True, False], [False, True]])
-    torch.testing.assert_close(mass_in_mask(maps, mask), torch.tensor([5 / 8, 0.5]))
-    torch.testing.assert_close(uniform_mass_in_mask(mask), torch.tensor(0.5))
 
 
 @pytest.fixture(scope="module")

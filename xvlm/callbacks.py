@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-SUMMARY_PREFIXES = ("val/", "lazsl/")
+SUMMARY_PREFIXES = ("val/", "lazsl/", "saliency/")
 
 
 def format_metrics(metrics: dict[str, float], prefixes: tuple[str, ...] = SUMMARY_PREFIXES) -> str:

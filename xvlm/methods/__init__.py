@@ -2,5 +2,6 @@
 
 from xvlm.methods.base import XVLMModule
 from xvlm.methods.clip import CLIPFineTune
+from xvlm.methods.lico import LICO
 
-__all__ = ["XVLMModule", "CLIPFineTune"]
+__all__ = ["XVLMModule", "CLIPFineTune", "LICO"]

@@ -8,14 +8,14 @@
   (``val/S``, ``val/U``, ``val/H``, ``val/zsl``, ``val/seen_top1``).
 - Checkpoints record the module class (a checkpoint of another class is refused) and the RNG states (resumed
   runs continue the same random stream).
-- AdamW without weight decay on gains, biases and embeddings; linear warm-up then cosine decay.
+- AdamW (or SGD) without weight decay on gains, biases and embeddings; linear warm-up then cosine decay.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -50,7 +50,9 @@ class XVLMModule(L.LightningModule):
         init_weights: checkpoint or state dict whose matching tensors initialise this module.
         templates: prompt templates for class names; class text features average over them.
         lr: peak learning rate.
-        weight_decay: AdamW weight decay (matrices only).
+        weight_decay: weight decay (matrices only).
+        optimizer: ``adamw`` or ``sgd`` (Nesterov-free SGD with ``momentum``, the recipe of CNN classifiers).
+        momentum: SGD momentum.
         warmup_steps: linear warm-up steps before cosine decay.
     """
 
@@ -65,6 +67,8 @@ class XVLMModule(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.1,
         warmup_steps: int = 50,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.9,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -182,16 +186,24 @@ class XVLMModule(L.LightningModule):
         return {"index": batch["index"], "prediction": logits.argmax(dim=1), "logits": logits}
 
     # ----------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters in two optimiser groups: matrices with weight decay, the rest without."""
         decay, no_decay = [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             is_gain = param.ndim < 2 or "embedding" in name or "logit_scale" in name
             (no_decay if is_gain else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self.parameter_groups()
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total // 2)
 

@@ -1,5 +1,25 @@
 """torchmetrics ``Metric``s, one per evaluation protocol."""
 
 from xvlm.metrics.gzsl import GZSLMetrics, gzsl_report, harmonic_mean
+from xvlm.metrics.saliency import (
+    SaliencyMetrics,
+    auc,
+    insertion_deletion,
+    mass_in_mask,
+    pointing_game,
+    saliency_scores,
+    uniform_mass_in_mask,
+)
 
-__all__ = ["GZSLMetrics", "gzsl_report", "harmonic_mean"]
+__all__ = [
+    "GZSLMetrics",
+    "SaliencyMetrics",
+    "auc",
+    "gzsl_report",
+    "harmonic_mean",
+    "insertion_deletion",
+    "mass_in_mask",
+    "pointing_game",
+    "saliency_scores",
+    "uniform_mass_in_mask",
+]

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -442,10 +443,20 @@ class LaZSL(Callback):
         self._sentences: tuple[list[list[str]], torch.Tensor] | None = None
         self._metrics: dict[str, GZSLMetrics] = {}
         self._text: torch.Tensor | None = None
+        self._active = True
 
     # ----------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Read the task, check that it has what LaZSL needs, and build the sentences and metrics."""
+        """Read the task, check that it has what LaZSL needs, and build the sentences and metrics.
+
+        A module whose ``zero_shot_encoder()`` is ``None`` (an image encoder without a text-aligned embedding)
+        cannot be scored: the callback then warns once and stays off for the run.
+        """
+        self._active = pl_module.zero_shot_encoder() is not None
+        if not self._active:
+            rank_zero_warn(f"LaZSL is skipped: {type(pl_module).__name__} has no zero-shot encoder (its image "
+                           "encoder is not text-aligned, e.g. a timm CNN). Remove the LaZSL callback to silence this.")
+            return
         task = getattr(getattr(trainer, "datamodule", None), "task", None)
         if not isinstance(task, Task):
             raise ValueError("LaZSL needs a datamodule that publishes a Task (trainer.datamodule.task)")
@@ -468,7 +479,7 @@ class LaZSL(Callback):
     # ----------------------------------------------------------------- evaluation
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._text = None
-        if not self._runs(trainer):
+        if not (self._active and self._runs(trainer)):
             return
         encoder = pl_module.zero_shot_encoder()
         with _evaluating(encoder):

@@ -14,8 +14,8 @@ centre does. Mass bookkeeping: ``Σ_p R_j(p) = Σ_n T_nj w_n`` with the crop wei
 ``1 / N_kept`` on kept crops), the normalised maps of all descriptors add up to ``1 / N_kept`` on every covered
 pixel: the total heat is flat and only its split between descriptors varies.
 
-The quality check (:func:`mass_in_mask`) is the share of a map's mass inside the object mask; a uniform map
-scores the mask's area fraction (:func:`uniform_mass_in_mask`).
+The quality check (:func:`xvlm.metrics.saliency.mass_in_mask`) is the share of a map's mass inside the object mask;
+a uniform map scores the mask's area fraction (:func:`xvlm.metrics.saliency.uniform_mass_in_mask`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ __all__ = [
     "descriptor_heatmaps",
     "explain_lazsl",
     "hybrid_similarity",
-    "mass_in_mask",
-    "uniform_mass_in_mask",
 ]
 
 
@@ -156,25 +154,6 @@ def descriptor_heatmaps(
     if not normalise_by_coverage:
         return maps
     return maps * _safe_inverse(_coverage(indicators, keep)).unsqueeze(-3)
-
-
-def mass_in_mask(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Share of each map's mass inside the mask, ``Σ_p R(p) 1[p ∈ mask] / Σ_p R(p)`` (NaN for an all-zero map).
-
-    Args:
-        maps: ``[..., H, W]`` non-negative maps.
-        mask: ``[H, W]`` bool mask, or any shape that broadcasts against ``maps`` (e.g. ``[B, 1, H, W]``).
-
-    Returns:
-        ``[...]`` shares in ``[0, 1]``.
-    """
-    inside = (maps * mask.to(maps.dtype)).sum(dim=(-2, -1))
-    return inside / maps.sum(dim=(-2, -1))
-
-
-def uniform_mass_in_mask(mask: torch.Tensor) -> torch.Tensor:
-    """The :func:`mass_in_mask` of a uniform map: the mask's area fraction, ``[...]`` from ``mask [..., H, W]``."""
-    return mask.float().mean(dim=(-2, -1))
 
 
 def explain_lazsl(

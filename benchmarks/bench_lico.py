@@ -1,0 +1,89 @@
+"""LICO training throughput relative to CLIPFineTune on the same image encoder, and where LICO's time goes.
+
+``python benchmarks/bench_lico.py`` times full training steps (forward, backward, AdamW step) on one batch of
+Shapes ``attributes`` images, in one process, for:
+
+- ``CLIPFineTune`` (both towers trained, one prompt per seen class per step),
+- ``LICO`` with ``alpha = beta = 0`` (the CE baseline: same encoder and head, no text),
+- ``LICO`` with only ``L_MM``, only ``L_OT``, and the full loss (``alpha = 10, beta = 1``),
+
+on the tiny backbone (random weights: throughput does not depend on them) and reports images/s and the ratio to
+``CLIPFineTune``. Each figure is the best of ``--repeats`` timings of ``--steps`` steps after a warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+from datamodules.shapes import ShapesDataModule  # noqa: E402
+from xvlm.methods import LICO, CLIPFineTune  # noqa: E402
+
+
+def training_step(module, batch: dict) -> Callable[[], None]:
+    """One optimiser step of ``module`` on ``batch`` (its own loss, AdamW)."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    loss = module.loss if isinstance(module, CLIPFineTune) else (lambda b: module.losses(b)["loss"])
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss(batch).backward()
+        optimizer.step()
+
+    return step
+
+
+def best_seconds(step: Callable[[], None], steps: int, repeats: int) -> float:
+    step()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = ShapesDataModule(task="attributes", image_size=64, batch_size=args.batch_size,
+                            train_size=args.batch_size)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    common = dict(model="xvlm-tiny", pretrained=None)
+    variants = {
+        "CLIPFineTune": lambda: CLIPFineTune(**common),
+        "LICO, CE only (alpha=beta=0)": lambda: LICO(**common, alpha=0.0, beta=0.0),
+        "LICO, CE + L_MM": lambda: LICO(**common, beta=0.0),
+        "LICO, CE + L_OT": lambda: LICO(**common, alpha=0.0),
+        "LICO, full (alpha=10, beta=1)": lambda: LICO(**common),
+    }
+    print(f"batch {args.batch_size}, 64 px, xvlm-tiny, {args.threads} threads, {len(data.task.seen)} seen classes, "
+          f"{len(batch['label'].unique())} classes in the batch")
+    print("| variant | s/step | images/s | ratio to CLIPFineTune |")
+    print("|---|---:|---:|---:|")
+    baseline = None
+    for name, build in variants.items():
+        module = build()
+        module.attach_task(data.task)
+        module.train()
+        seconds = best_seconds(training_step(module, batch), args.steps, args.repeats)
+        baseline = baseline or seconds
+        print(f"| {name} | {seconds:.3f} | {args.batch_size / seconds:.0f} | {baseline / seconds:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

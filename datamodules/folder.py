@@ -1,0 +1,173 @@
+"""Images in class folders, torchvision ``ImageFolder`` style: ``root/<split>/<class folder>/<image files>``.
+
+The classes are the sorted folder names of the train split; labels follow that order. Validation and test
+folders must be a subset of them. Image files (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.webp``, any case) are
+found recursively inside each class folder; other files are ignored. Side information comes from small files:
+
+- ``class_names``: JSON ``{folder: readable name}`` (e.g. ImageNet synset ``"n01440764": "tench"``); without it
+  the readable name is the folder name with ``_`` turned into spaces;
+- ``descriptors``: JSON ``{readable name: [phrases]}`` (DCLIP style), published as ``Task.descriptors``;
+- ``unseen_classes``: class names held out of training (readable or folder names), given as a list, a ``.json``
+  file holding a list, or a text file with one name per line (blank lines and ``#`` comments are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from datamodules.loading import ImageFiles, LabelledImages, Split, ZooDataModule, hold_out_classes
+from datamodules.task import Task
+from datamodules.transforms import natural_eval_transform, natural_train_transform
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _read_json(path: str, option: str, source: str) -> object:
+    """The parsed JSON file ``path`` given as ``option``; errors name both."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{source}: {option} file {path} not found; pass an existing JSON file or None") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source}: {option} file {path} is not valid JSON ({error})") from None
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    """Sorted names of the visible sub-folders of ``split_dir``."""
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder``, in sorted path order."""
+    found = [Path(parent, name) for parent, _, names in os.walk(folder, followlinks=True) for name in names
+             if name.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def _readable_names(folders: list[str], path: str | None, source: str) -> tuple[str, ...]:
+    """Readable class name per folder, from the ``class_names`` JSON map or from the folder name."""
+    if path is None:
+        return tuple(folder.replace("_", " ") for folder in folders)
+    mapping = _read_json(path, "class_names", source)
+    if not isinstance(mapping, dict) or not all(isinstance(name, str) for name in mapping.values()):
+        raise ValueError(f"{source}: class_names file {path} must hold a JSON object {{folder: readable name}}")
+    missing = [folder for folder in folders if folder not in mapping]
+    if missing:
+        raise ValueError(f"{source}: class_names file {path} has no name for the class folders {missing}; "
+                         f"add them to the file")
+    names = tuple(mapping[folder] for folder in folders)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{source}: class_names file {path} gives several folders the same names {repeated}; "
+                         f"class names must be unique")
+    return names
+
+
+def _descriptors(path: str | None, names: tuple[str, ...], source: str) -> dict[str, list[str]] | None:
+    """The DCLIP descriptors of every class, read from the ``descriptors`` JSON file."""
+    if path is None:
+        return None
+    table = _read_json(path, "descriptors", source)
+    if not isinstance(table, dict) or not all(_is_str_list(phrases) for phrases in table.values()):
+        raise ValueError(f"{source}: descriptors file {path} must hold a JSON object {{class name: [phrases]}}")
+    missing = [name for name in names if name not in table]
+    if missing:
+        raise ValueError(f"{source}: descriptors file {path} has no entry for the classes {missing}; "
+                         f"add them to the file (keys are readable class names)")
+    return {name: list(table[name]) for name in names}
+
+
+def _unseen_names(spec: str | list[str], source: str) -> list[str]:
+    """The names listed by ``unseen_classes``: the list itself, a JSON list file or a text file."""
+    if not isinstance(spec, str):
+        return list(spec)
+    if not Path(spec).is_file():
+        raise ValueError(f"{source}: unseen_classes file {spec} not found; pass a list of class names or the path "
+                         f"of a text file (one name per line) or a .json file holding a list")
+    if spec.lower().endswith(".json"):
+        names = _read_json(spec, "unseen_classes", source)
+        if not _is_str_list(names):
+            raise ValueError(f"{source}: unseen_classes file {spec} must hold a JSON list of class names")
+        return names
+    lines = (line.strip() for line in Path(spec).read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+class ImageFolderDataModule(ZooDataModule):
+    """Class folders on disk as a DataModule; ``self.task`` is ready after ``__init__`` (see the module docstring).
+
+    Train batches hold seen classes only; validation and test batches hold every class, flagged by ``seen``.
+    Items: ``image`` ``[3, S, S]`` float (CLIP-normalised), ``label``, ``index`` (position in the split's dataset)
+    and ``seen``.
+
+    Args:
+        root: folder holding one sub-folder per split.
+        image_size: side ``S`` of the square images (random resized crop in training, shorter side resized and
+            centre crop otherwise).
+        batch_size: samples per batch.
+        num_workers: data loader workers.
+        train_split: folder name of the training split; its class folders define the classes.
+        val_split: folder name of the validation split.
+        test_split: folder name of the test split; None tests on the validation split.
+        class_names: JSON file ``{folder: readable name}``.
+        descriptors: JSON file ``{readable name: [phrases]}``.
+        unseen_classes: classes held out of training: a list of names or the path of a text or ``.json`` file.
+        augment: apply the random training augmentation.
+    """
+
+    def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, num_workers: int = 4,
+                 train_split: str = "train", val_split: str = "val", test_split: str | None = None,
+                 class_names: str | None = None, descriptors: str | None = None,
+                 unseen_classes: str | list[str] | None = None, augment: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.source = f"ImageFolderDataModule(root={str(root)!r})"
+        self.folders = _class_folders(self._split_dir("train"))
+        if not self.folders:
+            raise ValueError(f"{self.source}: no class folders in {self._split_dir('train')}; "
+                             f"expected root/<train_split>/<class>/<images>")
+        for split in ("val", "test"):
+            extra = sorted(set(_class_folders(self._split_dir(split))) - set(self.folders))
+            if extra:
+                raise ValueError(f"{self.source}: class folders {extra} of {self._split_dir(split)} are not in the "
+                                 f"train split {self._split_dir('train')}; add a train folder for each or remove them")
+        names = _readable_names(self.folders, class_names, self.source)
+        requested = [] if unseen_classes is None else _unseen_names(unseen_classes, self.source)
+        seen, unseen = hold_out_classes(requested, names, self.folders, self.source)
+        self.task = Task(source=self.source, class_names=names, seen=seen, unseen=unseen,
+                         descriptors=_descriptors(descriptors, names, self.source))
+
+    def _split_dir(self, split: Split) -> Path:
+        """The folder of ``split`` (the validation folder for the test split when ``test_split`` is None)."""
+        option = f"{split}_split" if split != "test" or self.hparams.test_split is not None else "val_split"
+        path = Path(self.hparams.root, self.hparams[option])
+        if not path.is_dir():
+            raise ValueError(f"{self.source}: split folder {path} not found ({option}={self.hparams[option]!r}); "
+                             f"expected root/<{option}>/<class>/<images>")
+        return path
+
+    def build_dataset(self, split: Split) -> LabelledImages:
+        """Scan the split folder; training keeps seen classes only and needs images of every one of them."""
+        split_dir = self._split_dir(split)
+        classes = self.task.seen if split == "train" else range(self.task.num_classes)
+        files = {c: _image_files(split_dir / self.folders[c]) for c in classes}
+        if split == "train":
+            empty = [self.folders[c] for c in classes if not files.get(c)]
+            if empty:
+                raise ValueError(f"{self.source}: seen class folders {empty} of {split_dir} hold no images "
+                                 f"{IMAGE_EXTENSIONS}; add images or list the classes in unseen_classes")
+        paths = [path for c in files for path in files[c]]
+        if not paths:
+            raise ValueError(f"{self.source}: no images {IMAGE_EXTENSIONS} in the class folders of {split_dir}; "
+                             f"expected {split_dir}/<class>/<images>")
+        labels = [c for c in files for _ in files[c]]
+        random = split == "train" and self.hparams.augment
+        size = self.hparams.image_size
+        transform = natural_train_transform(size) if random else natural_eval_transform(size)
+        return LabelledImages(ImageFiles(paths), labels, self.task.seen, transform, random_transform=random)

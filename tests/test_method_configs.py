@@ -1,0 +1,123 @@
+"""Every method's Shapes config, shrunk to a few 64-px steps, trains from the CLI, logs its metrics and resumes."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from run_cli import xvlm
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+SHRUNK_CALLBACK_ARGS = {"max_batches": 1, "n_crops": 4, "steps": 4, "num_images": 2}
+
+
+def shrunk(config: Path) -> dict:
+    """``config`` with a random-init backbone, tiny data and cheap callbacks; everything else as shipped."""
+    run = yaml.safe_load(config.read_text())
+    run["model"]["init_args"]["pretrained"] = None
+    run["data"]["init_args"].update(batch_size=8, train_size=16, val_size=16)
+    run["trainer"].update(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                          log_every_n_steps=1, limit_val_batches=1)
+    for callback in run["trainer"].get("callbacks", []):
+        args = callback.setdefault("init_args", {})
+        args.update({k: v for k, v in SHRUNK_CALLBACK_ARGS.items() if k in args})
+    return run
+
+
+def logged_rows(folder: Path) -> list[dict]:
+    rows = []
+    for path in sorted(folder.glob("version_*/metrics.csv")):
+        with open(path) as handle:
+            rows += list(csv.DictReader(handle))
+    return rows
+
+
+@pytest.mark.parametrize(("method", "expected"), [
+    ("clip", {"val/H", "val/zsl", "lazsl/H", "train/loss"}),
+    ("lico", {"val/acc", "val/seen_top1", "train/ce", "train/mm", "train/ot", "saliency/insertion",
+              "saliency/deletion", "saliency/overall", "saliency/mass_in_mask", "saliency/pointing",
+              "lazsl/unseen_top1"}),
+])
+def test_shapes_config_trains_and_logs_its_metrics(tmp_path, method, expected):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(shrunk(CONFIGS / method / "shapes.yaml")))
+    result = xvlm("fit", "--config", "run.yaml", "--run", "tiny", "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = logged_rows(tmp_path / "outputs/tiny/csv")
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert expected <= logged
+    for key in expected - {"train/loss", "train/ce", "train/mm", "train/ot"}:
+        values = [float(row[key]) for row in rows if row.get(key)]
+        assert all(0.0 <= v <= 1.0 for v in values), (key, values)
+
+
+def test_lico_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    run = shrunk(CONFIGS / "lico" / "shapes.yaml")
+    run["trainer"]["callbacks"] = [c for c in run["trainer"]["callbacks"] if c["class_path"].endswith("EpochSummary")]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    straight = xvlm("fit", "--config", "run.yaml", "--run", "straight", "--trainer.max_epochs", "2", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    interrupt = '{"class_path": "interruption.StopAfterEpochs", "init_args": {"epochs": 1}}'
+    first = xvlm("fit", "--config", "run.yaml", "--run", "split", "--trainer.max_epochs", "2",
+                 "--trainer.callbacks+", interrupt, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    resumed = xvlm("fit", "--config", "run.yaml", "--run", "split", "--trainer.max_epochs", "2",
+                   "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = (torch.load(tmp_path / f"checkpoints/{name}/last.ckpt", weights_only=True)
+                     for name in ("straight", "split"))
+    assert got["global_step"] == expected["global_step"] == 4
+    assert expected["state_dict"].keys() == got["state_dict"].keys()
+    assert any(k.startswith("prompts.") for k in got["state_dict"]) and "mm_log_scale" in got["state_dict"]
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+
+
+def write_class_folders(root: Path, classes: dict[str, tuple[int, int, int]], per_class: int = 4) -> None:
+    """``root/{train,val}/<class>/<i>.png``: noisy 40-px images around one colour per class."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name, colour in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = np.clip(rng.normal(colour, 20, size=(40, 40, 3)), 0, 255).astype(np.uint8)
+                cv2.imwrite(str(folder / f"{i}.png"), image[:, :, ::-1])
+
+
+def test_lico_trains_on_a_class_folder_dataset_with_a_timm_encoder(tmp_path):
+    write_class_folders(tmp_path / "data", {"n001": (200, 30, 30), "n002": (30, 200, 30), "n003": (30, 30, 200)})
+    (tmp_path / "data/names.json").write_text('{"n001": "red thing", "n002": "green thing", "n003": "blue thing"}')
+    run = yaml.safe_load((CONFIGS / "lico" / "imagenet.yaml").read_text())
+    run["trainer"] = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
+                      "log_every_n_steps": 1, "callbacks": run["trainer"]["callbacks"]}
+    run["trainer"]["callbacks"][1]["init_args"].update(max_batches=1, steps=4)
+    run["model"]["init_args"].update(image_encoder="timm:resnet18", input_size=64, model="xvlm-tiny",
+                                     pretrained=None, lr=0.01, warmup_steps=0)
+    run["data"]["init_args"].update(root="data", class_names="data/names.json", image_size=64, batch_size=6,
+                                    num_workers=0)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    result = xvlm("fit", "--config", "run.yaml", "--run", "folder", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = logged_rows(tmp_path / "outputs/folder/csv")
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train/ce", "train/mm", "train/ot", "val/acc", "saliency/insertion", "saliency/deletion"} <= logged
+    assert "saliency/mass_in_mask" not in logged  # class folders carry no masks
+    checkpoint = torch.load(tmp_path / "checkpoints/folder/last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"]["head.weight"].shape == (3, 512)
+
+
+def test_explain_renders_lico_gradcam_overlays_from_a_checkpoint(tmp_path):
+    run = shrunk(CONFIGS / "lico" / "shapes.yaml")
+    run["trainer"]["callbacks"] = []
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    trained = xvlm("fit", "--config", "run.yaml", "--run", "lico", "--trainer.max_epochs", "1",
+                   "--trainer.limit_train_batches", "1", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    result = xvlm("explain", "--config", "run.yaml", "--ckpt_path", "checkpoints/lico/last.ckpt", "--split", "val",
+                  "--num_images", "2", "--out", "overlays", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png")) == ["val_00000.png", "val_00001.png"]

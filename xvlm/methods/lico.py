@@ -1,0 +1,384 @@
+"""LICO: language–image consistency for explainable image classifiers (Lei et al., NeurIPS 2023).
+
+A classifier ``logits = W · GAP(F) + b`` on the feature maps ``F [B, N, h, w]`` of an image encoder is trained with
+
+    L = λ_CE · CE(logits, y) + α · L_MM + β · L_OT
+
+where the language side is the learnable class prompts of :class:`~xvlm.prompts.SoftPrompts` passed through the
+frozen CLIP text tower: ``M`` prompt variants per class (context rolled by ``k = 0..M−1``), each encoded to its
+end-of-text feature ``[M, E]`` and mapped per token by ``h_ψ: E → d'`` (Linear, Dropout, ReLU, Linear), so the
+sample's language tokens are ``G_i = h_ψ(G_{y_i}) [M, d']`` with ``d' = h·w``. The ``N`` channels of ``F`` are the
+visual tokens ``[N, d']``.
+
+- **Manifold matching** (across the batch): ``L_MM = (1/B) Σ_i KL(A^G_i ‖ A^F_i)`` with
+  ``A^X_ij = softmax_{j≠i}(−κ ‖x_i − x_j‖₂)`` over unit-norm flattened features (``mm_features='flattened'``) or pooled
+  ones (``'pooled'``: ``GAP(F)`` and the variants' mean text feature), ``κ = exp(s)``, ``s`` learnt and clamped to
+  ``[0, log 100]`` (:func:`manifold_matching_loss`).
+- **Optimal transport** (within each sample): ``L_OT = mean_i Σ_nm P*_nm C_nm`` with ``C_nm = ‖f̂_n − ĝ_m‖² =
+  2 − 2 cos`` between unit-norm visual and language tokens and the entropic plan ``P*`` of uniform marginals,
+  computed without gradient (:func:`optimal_transport_loss`).
+
+Inference uses no text: :meth:`LICO.classify` is the classifier; :meth:`LICO.explain` returns Grad-CAM (or
+Grad-CAM++) maps of the predicted class on ``F``. The image encoder is the CLIP image tower of ``model``
+(``image_encoder='clip'``; ``F`` is its last block's patch tokens projected into the joint space and laid out as
+``[B, D, h, w]``, so ``N = D`` and ``d' = h·w``) or a timm model (``image_encoder='timm:<name>'``; ``F`` is
+``forward_features``). With the CLIP tower, :meth:`zero_shot_encoder` returns the fine-tuned towers for LaZSL;
+with a timm encoder there is no text-aligned image embedding and it returns ``None`` (LaZSL then skips).
+
+Deviations from the reference code (ymLeiFDU/LICO) and from the letter of the paper, all deliberate:
+
+1. The OT plan is detached, the cost is not: the reference computes L_OT under ``no_grad``, so it trains nothing.
+2. The CLIP text tower is frozen and outside the optimiser (the reference trains it with SGD at lr 0.1).
+3. Variant ``k`` rolls the context by ``k`` (the reference rolls every variant by 1, so all are identical).
+4. ``softmax(−κ·distance)`` with a clamped, exp-parametrised scale (the reference uses ``+distance`` and a raw
+   divisor), over the other samples of the batch: the spec's softmax over all ``j`` includes ``j = i``, whose
+   distance is 0, so at ``κ = 1/0.07`` each row is almost one-hot on itself and L_MM vanishes.
+5. Language tokens are gathered by label once (the reference gathers twice, pairing samples with wrong classes).
+6. Class names come from the task in label order; every shape is derived from the encoder and the task.
+7. Only the classes present in the batch are encoded (the reference encodes all ``C · M`` prompts every step).
+8. Sinkhorn is the shared batched solver in float32 (also under autocast). Its stopping rule is the row-marginal
+   error ``max_n |(P 1)_n − 1/N| < ot_tol``, not the change of the scaling.
+9. The classifier is trained on the task's seen classes only (unseen classes are LaZSL's); with no unseen
+   classes this is the ordinary classifier.
+10. No unused parameters (the reference's ``logit_scale`` and 768→512 layer) and no hidden training noise.
+11. Not implemented: the ``per_token`` language-token mode (one prompt per class, per-position outputs); the
+    ``variants`` mode the authors describe is the only one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datamodules.task import Task
+from xvlm.backbones import VisionLanguageModel
+from xvlm.explain.saliency import grad_cam, grad_cam_plus_plus
+from xvlm.methods.base import XVLMModule
+from xvlm.metrics import GZSLMetrics
+from xvlm.ot import sinkhorn
+from xvlm.prompts import SoftPrompts
+
+MM_SCALE_INIT = math.log(1 / 0.07)
+MM_SCALE_MAX = math.log(100.0)
+SALIENCY = {"gradcam": grad_cam, "gradcam++": grad_cam_plus_plus}
+
+
+def log_affinity(features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``log A`` with ``A_ij = softmax_{j≠i}(−κ ‖x_i − x_j‖₂)``: ``[B, B]`` from ``[B, K]``; the diagonal holds 0.
+
+    ``features`` are L2-normalised first, so the distance is ``sqrt(2 − 2 x_i·x_j)``. A sample's distance to
+    itself is left out: it is always 0 and would put nearly all of each row's mass on the diagonal at
+    ``κ = 1/0.07``, leaving nothing to match.
+    """
+    x = F.normalize(features.flatten(1), dim=-1)
+    distance = (2 - 2 * x @ x.T).clamp_min(1e-12).sqrt()
+    self_pair = torch.eye(len(x), dtype=torch.bool, device=x.device)
+    log_a = (-scale * distance).masked_fill(self_pair, -math.inf).log_softmax(dim=-1)
+    return log_a.masked_fill(self_pair, 0.0)  # a finite placeholder keeps gradients free of 0 * inf
+
+
+def manifold_matching_loss(image: torch.Tensor, language: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """``L_MM = (1/B) Σ_i KL(A^G_i ‖ A^F_i)`` over ``j ≠ i`` (language affinities are the target); 0 when B < 2.
+
+    Args:
+        image: ``[B, ...]`` image features ``F_i`` (flattened per sample).
+        language: ``[B, ...]`` language features ``G_i`` (flattened per sample).
+        log_scale: scalar ``s``; ``κ = exp(clamp(s, 0, log 100))``.
+    """
+    if len(image) < 2:
+        return image.sum() * 0
+    scale = log_scale.clamp(0, MM_SCALE_MAX).exp()
+    log_target, log_prediction = log_affinity(language, scale), log_affinity(image, scale)
+    off_diagonal = 1 - torch.eye(len(image), dtype=log_target.dtype, device=image.device)
+    return (off_diagonal * log_target.exp() * (log_target - log_prediction)).sum() / len(image)
+
+
+def transport_cost(visual: torch.Tensor, language: torch.Tensor) -> torch.Tensor:
+    """``C_nm = ‖f̂_n − ĝ_m‖² = 2 − 2 cos(f_n, g_m)``: ``[B, N, M]`` from ``[B, N, d']`` and ``[B, M, d']``."""
+    return 2 - 2 * F.normalize(visual, dim=-1) @ F.normalize(language, dim=-1).transpose(1, 2)
+
+
+def optimal_transport_loss(visual: torch.Tensor, language: torch.Tensor, eps: float = 0.1, max_iter: int = 100,
+                           tol: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L_OT = mean_i ⟨P*_i, C_i⟩`` with the plan ``P*`` held fixed; returns ``(loss, plans [B, N, M])``.
+
+    ``P*`` is the entropic plan (uniform marginals ``1/N``, ``1/M``, regulariser ``eps``) of the detached cost,
+    solved in float32; the gradient reaches ``visual [B, N, d']`` and ``language [B, M, d']`` through ``C`` only,
+    which is the gradient of the entropic OT value with respect to ``C`` (envelope theorem).
+    """
+    cost = transport_cost(visual.float(), language.float())
+    with torch.no_grad(), torch.autocast(cost.device.type, enabled=False):
+        plan = sinkhorn(cost.detach(), eps=eps, max_iter=max_iter, tol=tol)
+    return (plan * cost).sum(dim=(1, 2)).mean(), plan
+
+
+class TimmFeatures(nn.Module):
+    """A timm model's last feature map, ``[B, 3, H, W] -> [B, N, h, w]`` (``forward_features``).
+
+    Args:
+        name: timm model name (``resnet18``, ``wide_resnet50_2``, ... or the CIFAR ``wrn28_2``/``wrn28_8`` of
+            :mod:`xvlm.wide_resnet`).
+        weights: ``None`` (random), ``"hub"`` (timm's pretrained weights, downloaded) or a local checkpoint file.
+        kwargs: extra ``timm.create_model`` arguments (e.g. ``output_stride: 8`` for larger maps on small images).
+    """
+
+    def __init__(self, name: str, weights: str | None = None, kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        import timm
+
+        import xvlm.wide_resnet  # noqa: F401  (registers the CIFAR wide ResNets with timm)
+
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
+            raise ValueError(f"image_encoder='timm:{name}': timm has no model '{name}'. Similar names: {close}")
+        options = dict(kwargs or {})
+        if weights == "hub":
+            options["pretrained"] = True
+        elif weights is not None:
+            options["checkpoint_path"] = weights
+        self.model = timm.create_model(name, num_classes=0, global_pool="", **options)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(images)
+
+
+class LICO(XVLMModule):
+    """LICO fine-tuning (see the module docstring for the losses and the deviations from the reference).
+
+    Args:
+        image_encoder: ``clip`` (the image tower of ``model``) or ``timm:<name>``.
+        encoder_weights: weights of a timm encoder: ``None``, ``hub`` or a local file.
+        encoder_kwargs: extra ``timm.create_model`` arguments.
+        lambda_ce: weight of the cross-entropy.
+        alpha: weight of ``L_MM`` (0 turns it off).
+        beta: weight of ``L_OT`` (0 turns it off; with ``alpha = 0`` too, the text side is never run: the CE
+            baseline with the same encoder and head).
+        n_ctx: context vectors, which is also the number ``M`` of prompt variants.
+        class_specific_ctx: one context per class.
+        mapper_hidden: hidden width of ``h_ψ``.
+        mapper_dropout: dropout of ``h_ψ``.
+        mm_features: ``flattened`` maps or ``pooled`` features for ``L_MM``.
+        ot_eps: Sinkhorn regulariser.
+        ot_max_iter: most Sinkhorn iterations.
+        ot_tol: Sinkhorn tolerance on the row marginals.
+        saliency: ``gradcam`` or ``gradcam++`` for :meth:`explain`.
+        head_lr: learning rate of the parts LICO adds (classifier head, ``h_ψ``, context vectors, ``s``); None
+            uses ``lr``. A pretrained encoder usually wants ``lr`` well below ``head_lr``.
+        model: open_clip architecture whose text tower encodes the prompts (and whose image tower is the encoder
+            with ``image_encoder='clip'``).
+        pretrained: weights of ``model`` (see :mod:`xvlm.backbones`).
+        input_size: image side; required for a timm encoder (it fixes ``d' = h·w``).
+        init_weights, lr, weight_decay, warmup_steps, optimizer, momentum: as in :class:`XVLMModule`.
+    """
+
+    def __init__(
+        self,
+        image_encoder: str = "clip",
+        encoder_weights: str | None = None,
+        encoder_kwargs: dict[str, Any] | None = None,
+        lambda_ce: float = 1.0,
+        alpha: float = 10.0,
+        beta: float = 1.0,
+        n_ctx: int = 12,
+        class_specific_ctx: bool = False,
+        mapper_hidden: int = 512,
+        mapper_dropout: float = 0.5,
+        mm_features: Literal["flattened", "pooled"] = "flattened",
+        ot_eps: float = 0.1,
+        ot_max_iter: int = 100,
+        ot_tol: float = 1e-3,
+        saliency: Literal["gradcam", "gradcam++"] = "gradcam",
+        head_lr: float | None = None,
+        model: str = "ViT-B-32",
+        pretrained: str | None = "openai",
+        input_size: int | None = None,
+        init_weights: str | None = None,
+        lr: float = 0.1,
+        weight_decay: float = 5e-4,
+        warmup_steps: int = 0,
+        optimizer: Literal["adamw", "sgd"] = "sgd",
+        momentum: float = 0.9,
+    ) -> None:
+        uses_clip_tower = image_encoder == "clip"
+        if not uses_clip_tower and not image_encoder.startswith("timm:"):
+            raise ValueError(f"image_encoder={image_encoder!r}: use 'clip' or 'timm:<model name>'")
+        if not uses_clip_tower and input_size is None:
+            raise ValueError(f"LICO(image_encoder={image_encoder!r}) needs input_size (the image side it is trained "
+                             "at), which fixes the feature-map size d' = h*w")
+        if saliency not in SALIENCY:
+            raise ValueError(f"saliency={saliency!r}: choose one of {sorted(SALIENCY)}")
+        super().__init__(model=model, pretrained=pretrained, freeze="text" if uses_clip_tower else "all",
+                         input_size=input_size, init_weights=None, lr=lr, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, optimizer=optimizer, momentum=momentum)
+        self.timm_encoder = None if uses_clip_tower else TimmFeatures(image_encoder[5:], encoder_weights,
+                                                                      encoder_kwargs)
+        side = input_size or self.backbone.image_size
+        with torch.no_grad():
+            channels, height, width = self.feature_maps(torch.zeros(1, 3, side, side)).shape[1:]
+        self.num_tokens, self.token_dim = int(channels), int(height * width)
+        text_dim = self.backbone.embed_dim
+        self.mapper = nn.Sequential(nn.Linear(text_dim, mapper_hidden), nn.Dropout(mapper_dropout), nn.ReLU(),
+                                    nn.Linear(mapper_hidden, self.token_dim))
+        self.mm_log_scale = nn.Parameter(torch.tensor(MM_SCALE_INIT))
+        self.prompts: SoftPrompts | None = None
+        self.head: nn.Linear | None = None
+        self._init_weights = init_weights
+
+    # ----------------------------------------------------------------- task-dependent parts
+    def attach_task(self, task: Task) -> None:
+        """Build the prompts and the classifier head over ``task``'s seen classes (once; checkpoints load after)."""
+        super().attach_task(task)
+        self.val_metrics = GZSLMetrics(task.num_classes, task.seen, ())
+        self.test_metrics = GZSLMetrics(task.num_classes, task.seen, ())
+        if self.head is None:
+            seen = torch.as_tensor(task.seen, dtype=torch.long)
+            position = torch.full((task.num_classes,), -1, dtype=torch.long)
+            position[seen] = torch.arange(len(seen))
+            self.register_buffer("seen_classes", seen, persistent=False)
+            self.register_buffer("head_index", position, persistent=False)
+            self.head = nn.Linear(self.num_tokens, len(task.seen))
+            self.prompts = SoftPrompts(self.backbone, task.class_names, self.hparams.n_ctx,
+                                       self.hparams.class_specific_ctx)
+            self.to(self.backbone.logit_scale.device)
+            if self._init_weights is not None:
+                from xvlm.checkpointing import load_weights
+
+                load_weights(self, self._init_weights)
+        elif self.head.out_features != len(task.seen):
+            raise ValueError(f"LICO was built for {self.head.out_features} seen classes; {task.source} has "
+                             f"{len(task.seen)}")
+
+    # ----------------------------------------------------------------- image side
+    def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The visual tokens as maps ``F [B, N, h, w]`` (see the module docstring for each encoder)."""
+        if self.timm_encoder is not None:
+            return self.timm_encoder(images)
+        tokens = self.backbone.encode_image_tokens(images, layers=1)
+        projected = self.backbone.project_tokens(tokens.patches[-1], normalize=False)
+        return projected.transpose(1, 2).unflatten(2, tokens.grid)
+
+    def seen_logits(self, maps: torch.Tensor) -> torch.Tensor:
+        """Classifier logits ``[B, C_seen]`` of ``W · GAP(F) + b``."""
+        return self.head(maps.mean(dim=(2, 3)))
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, C]`` over all task classes; unseen classes (never trained) get ``−inf``."""
+        return self._all_classes(self.seen_logits(self.feature_maps(images)))
+
+    def _all_classes(self, seen_logits: torch.Tensor) -> torch.Tensor:
+        """``[B, C_seen] -> [B, C]`` task-indexed logits, ``−inf`` at unseen classes."""
+        logits = seen_logits.new_full((len(seen_logits), self.task.num_classes), -math.inf)
+        return logits.index_copy(1, self.seen_classes, seen_logits)
+
+    def zero_shot_encoder(self) -> VisionLanguageModel | None:
+        """The fine-tuned CLIP towers, or ``None`` with a timm encoder (no text-aligned image embedding)."""
+        return self.backbone if self.timm_encoder is None else None
+
+    # ----------------------------------------------------------------- language side
+    def language_tokens(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G [B, M, d'], text [B, M, E])``: mapped and raw variant features of each sample's class.
+
+        Only the classes present in the batch are encoded; rows are gathered by label once.
+        """
+        present, position = labels.unique(return_inverse=True)
+        text = self.prompts.encode_variants(self.backbone, present, self.hparams.n_ctx)[position]
+        return self.mapper(text), text
+
+    # ----------------------------------------------------------------- training
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The base groups, each split into encoder parameters (``lr``) and LICO's own parts (``head_lr``)."""
+        head_lr = self.hparams.head_lr
+        if head_lr is None:
+            return super().parameter_groups()
+        encoder = {id(p) for p in self.backbone.parameters()}
+        if self.timm_encoder is not None:
+            encoder |= {id(p) for p in self.timm_encoder.parameters()}
+        groups = []
+        for group in super().parameter_groups():
+            added = [p for p in group["params"] if id(p) not in encoder]
+            kept = [p for p in group["params"] if id(p) in encoder]
+            groups += [{**group, "params": kept}, {**group, "params": added, "lr": head_lr}]
+        return [group for group in groups if group["params"]]
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``ce``, ``mm``, ``ot`` and their weighted sum ``loss`` of one batch (``mm``/``ot`` only when weighted)."""
+        hp = self.hparams
+        labels = batch["label"]
+        target = self.head_index[labels]
+        if bool((target < 0).any()):
+            raise ValueError("a training batch holds an unseen class; the datamodule leaks held-out classes")
+        maps = self.feature_maps(batch["image"])
+        logits = self.seen_logits(maps)
+        out = {"ce": F.cross_entropy(logits, target)}
+        loss = hp.lambda_ce * out["ce"]
+        if hp.alpha or hp.beta:
+            language, text = self.language_tokens(labels)
+            visual = maps.flatten(2)
+            if hp.alpha:
+                image_side, text_side = (visual, language) if hp.mm_features == "flattened" else (
+                    visual.mean(dim=2), text.mean(dim=1))
+                out["mm"] = manifold_matching_loss(image_side, text_side, self.mm_log_scale)
+                loss = loss + hp.alpha * out["mm"]
+            if hp.beta:
+                out["ot"] = optimal_transport_loss(visual, language, hp.ot_eps, hp.ot_max_iter, hp.ot_tol)[0]
+                loss = loss + hp.beta * out["ot"]
+        out["loss"] = loss
+        out["acc"] = (logits.argmax(dim=1) == target).float().mean()
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.losses(batch)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True)
+        return out["loss"]
+
+    # ----------------------------------------------------------------- evaluation
+    def on_validation_epoch_start(self) -> None:
+        """Nothing to cache: the classifier uses no text."""
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _seen_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = torch.isin(batch["label"], self.seen_classes)
+        return batch["image"][keep], batch["label"][keep]
+
+    def _evaluate(self, batch: dict[str, Any], metric: GZSLMetrics, prefix: str) -> None:
+        images, labels = self._seen_batch(batch)
+        if len(labels) == 0:
+            return
+        logits = self.classify(images)
+        metric.update(logits, labels)
+        self.log(f"{prefix}/acc", (logits.argmax(dim=1) == labels).float().mean(), batch_size=len(labels),
+                 prog_bar=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        logits = self.classify(batch["image"])
+        return {"index": batch["index"], "prediction": logits.argmax(dim=1), "logits": logits}
+
+    def explain(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Grad-CAM (or Grad-CAM++) of the predicted class on ``F``: ``saliency [B, H, W]``, ``predicted [B]``
+        (task class indices), ``logits [B, C]``.
+
+        The maps are computed without gradients and then made a leaf, so only ``∂score/∂F`` is needed and it
+        works for frozen encoders and under ``torch.no_grad()`` outside inference mode.
+        """
+        images = batch["image"]
+        with torch.no_grad():
+            maps = self.feature_maps(images)
+        with torch.enable_grad():
+            maps = maps.detach().requires_grad_(True)
+            seen = self.seen_logits(maps)
+            best = seen.argmax(dim=1)
+            score = seen.gather(1, best[:, None]).squeeze(1)
+            saliency = SALIENCY[self.hparams.saliency](maps, score, size=tuple(images.shape[-2:]))
+        return {"saliency": saliency.detach(), "predicted": self.seen_classes[best],
+                "logits": self._all_classes(seen.detach())}
