@@ -15,9 +15,12 @@ def test_prompt_embeddings_of_real_tokens_equal_encode_text(name):
     model = VisionLanguageModel(name, pretrained=None).eval()
     tokens = model.tokenize(PROMPTS)
     with torch.no_grad():
-        direct = model.encode_text(tokens)
+        direct = model.clip.encode_text(tokens, normalize=True)  # open_clip's own path over all positions
+        ours = model.encode_text(tokens)
         via_embeddings = model.encode_prompt_embeddings(model.token_embeddings(tokens), tokens.argmax(dim=-1))
+    assert model.pools_causal_eot
     assert direct.shape == (len(PROMPTS), model.embed_dim)
+    torch.testing.assert_close(ours, direct, atol=1e-5, rtol=0)
     torch.testing.assert_close(via_embeddings, direct, atol=1e-5, rtol=0)
 
 

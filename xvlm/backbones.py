@@ -217,9 +217,26 @@ class VisionLanguageModel(nn.Module):
         """``[B, 3, H, W] -> [B, D]`` projected image features (unit norm when ``normalize``)."""
         return self.clip.encode_image(images, normalize=normalize)
 
+    @property
+    def pools_causal_eot(self) -> bool:
+        """Whether the text tower is causal and pools at the end-of-text token (the largest id), as CLIP's is.
+
+        Then no token after the last end-of-text of a batch can reach a pooled feature, and text encoding drops
+        those padding positions (:meth:`encode_prompt_embeddings`).
+        """
+        pool = getattr(self.text, "text_pool_type", getattr(self.text, "pool_type", None))
+        return pool == "argmax" and getattr(self.text, "attn_mask", None) is not None
+
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """``[T, L]`` token ids -> ``[T, D]`` projected text features (unit norm when ``normalize``)."""
-        return self.clip.encode_text(tokens, normalize=normalize)
+        """``[T, L]`` token ids -> ``[T, D]`` projected text features (unit norm when ``normalize``).
+
+        For a causal tower pooled at the end-of-text token this is
+        ``encode_prompt_embeddings(token_embeddings(tokens), argmax(tokens))``, which skips the padding after the
+        longest text (CLIP's own ``encode_text`` runs all ``L`` positions; the features agree to rounding).
+        """
+        if not self.pools_causal_eot:
+            return self.clip.encode_text(tokens, normalize=normalize)
+        return self.encode_prompt_embeddings(self.token_embeddings(tokens), tokens.argmax(dim=-1), normalize)
 
     def encode_texts(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
         """Tokenize and encode ``T`` strings: ``[T, D]``."""
@@ -235,10 +252,13 @@ class VisionLanguageModel(nn.Module):
         """Text features from input embeddings (CoOp-style soft prompts).
 
         ``f = ln_final(transformer(E + P))[t, eot_t] @ W_proj`` for embeddings ``E [T, L, W]``, positional
-        embedding ``P [L, W]`` and the end-of-text position ``eot_index [T]``; returns ``[T, D]``.
+        embedding ``P [L, W]`` and the end-of-text position ``eot_index [T]``; returns ``[T, D]``. With a causal
+        tower only the first ``max_t eot_t + 1`` positions are run (the later ones cannot reach any ``eot_t``).
         """
         text = self.text
         cast_dtype = text.transformer.get_cast_dtype()
+        if self.pools_causal_eot:
+            embeddings = embeddings[:, : int(eot_index.max()) + 1]
         length = embeddings.shape[1]
         x = embeddings.to(cast_dtype) + text.positional_embedding[:length].to(cast_dtype)
         attn_mask = text.attn_mask[:length, :length] if text.attn_mask is not None else None
