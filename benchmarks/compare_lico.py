@@ -1,9 +1,10 @@
 """The honest LICO comparison: CLIPFineTune, the CE baseline and LICO on Shapes ``attributes``, 3 seeds each.
 
-``python benchmarks/compare_lico.py`` (about 30 min on 2 CPU cores; ``--seeds``, ``--epochs`` to change) trains
+``python benchmarks/compare_lico.py`` (about 20 min on 2 CPU cores; ``--seeds``, ``--epochs`` to change) trains
 each method from the tiny Shapes backbone with the same budget (epochs, batch and samples of
-``configs/lico/shapes.yaml``; each method's optimiser settings from its own Shapes config), then evaluates the final weights once on the validation split (no model selection
-happens, so it is a held-out set here) with the same callbacks for every method:
+``configs/lico/shapes.yaml``; each method's optimiser settings from its own Shapes config), then evaluates the
+final weights once on the validation split (no model selection happens, so it is a held-out set here) with the
+same callbacks for every method:
 
 - ``seen_top1``: per-class top-1 among the 192 seen classes (the classifier for CE/LICO, zero-shot prompts for
   CLIPFineTune);

@@ -29,7 +29,7 @@ def _dump(path, content: dict, keys: type) -> None:
         pickle.dump({key.encode() if keys is bytes else key: value for key, value in content.items()}, file)
 
 
-def _write(root, variant: str = "cifar10", keys: type = bytes, train_rows=None, test_rows=None):
+def write_fake_cifar(root, variant: str = "cifar10", keys: type = bytes, train_rows=None, test_rows=None):
     """A fake CIFAR folder under ``root``: ``PER_CLASS`` train and ``TEST_PER_CLASS`` test images per class."""
     folder = root / FOLDERS[variant]
     folder.mkdir(parents=True)
@@ -79,7 +79,7 @@ def _module(root, **kwargs) -> CIFARDataModule:
 @pytest.mark.parametrize("keys", [bytes, str])
 @pytest.mark.parametrize("at_folder", [False, True])
 def test_meta_names_in_label_order_and_labels_match_images(tmp_path, variant, keys, at_folder):
-    folder = _write(tmp_path, variant, keys)
+    folder = write_fake_cifar(tmp_path, variant, keys)
     dm = _module(folder if at_folder else tmp_path, variant=variant)
     assert dm.task.class_names == ("truck", "airplane", "sea lion", "cat")
     assert dm.task.seen == (0, 1, 2, 3) and dm.task.unseen == () and dm.task.descriptors is None
@@ -92,14 +92,14 @@ def test_channel_first_rows_become_rgb_images(tmp_path):
     y, x = np.mgrid[:32, :32]
     planes = np.stack([8 * x, 8 * y, np.full((32, 32), 77)]).astype(np.uint8)
     rows = np.repeat(planes.reshape(1, 3072), len(NAMES) * TEST_PER_CLASS, axis=0)
-    item = _module(_write(tmp_path, test_rows=rows)).test_dataloader().dataset[0]
+    item = _module(write_fake_cifar(tmp_path, test_rows=rows)).test_dataloader().dataset[0]
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
     np.testing.assert_array_equal(_pixels(item["image"]), planes.transpose(1, 2, 0))
 
 
 # ------------------------------------------------------------------------------------------------ splits
 def test_validation_is_a_seeded_stratified_holdout_of_the_training_set(tmp_path):
-    _write(tmp_path)
+    write_fake_cifar(tmp_path)
     train_ids, _, _ = _identities(_module(tmp_path, seed=0).train_dataloader())
     val_ids, _, val_labels = _identities(_module(tmp_path, seed=0).val_dataloader())
     assert not set(train_ids) & set(val_ids)
@@ -113,7 +113,7 @@ def test_validation_is_a_seeded_stratified_holdout_of_the_training_set(tmp_path)
 
 @pytest.mark.parametrize("unseen", [["sea lion", "truck"], ["sea_lion", "truck"]])
 def test_unseen_classes_are_absent_from_train_and_flagged_in_val_and_test(tmp_path, unseen):
-    dm = _module(_write(tmp_path), unseen_classes=unseen, batch_size=4)
+    dm = _module(write_fake_cifar(tmp_path), unseen_classes=unseen, batch_size=4)
     assert dm.task.seen == (1, 3) and dm.task.unseen == (0, 2)
     for batch in dm.train_dataloader():
         assert set(batch["label"].tolist()) <= {1, 3} and batch["seen"].all()
@@ -139,7 +139,7 @@ def _shifted_and_flipped(image: np.ndarray) -> dict[tuple[bool, int, int], np.nd
 
 def test_train_augmentation_pads_with_black_crops_flips_and_follows_torch_seed(tmp_path):
     noise = np.random.default_rng(0).integers(1, 256, (len(NAMES) * PER_CLASS, 3072), dtype=np.uint8)
-    _write(tmp_path, train_rows=noise)
+    write_fake_cifar(tmp_path, train_rows=noise)
     original = _pixels(_module(tmp_path).train_dataloader().dataset[0]["image"])
     dataset = _module(tmp_path, augment=True).train_dataloader().dataset
     candidates = _shifted_and_flipped(original)
@@ -158,7 +158,7 @@ def test_train_augmentation_pads_with_black_crops_flips_and_follows_torch_seed(t
 
 
 def test_images_are_resized_when_image_size_differs_from_32(tmp_path):
-    dm = _module(_write(tmp_path), image_size=48, augment=True)
+    dm = _module(write_fake_cifar(tmp_path), image_size=48, augment=True)
     assert dm.train_dataloader().dataset[0]["image"].shape == (3, 48, 48)
     item = dm.val_dataloader().dataset[0]
     assert item["image"].shape == (3, 48, 48)
@@ -174,7 +174,7 @@ def test_missing_files_say_where_they_belong_and_where_to_get_them(tmp_path):
         assert text in str(error.value)
     with pytest.raises(ValueError, match=r"cifar-100-python/ with train, test, meta"):
         _module(tmp_path, variant="cifar100")
-    (_write(tmp_path) / "data_batch_3").unlink()
+    (write_fake_cifar(tmp_path) / "data_batch_3").unlink()
     with pytest.raises(ValueError, match=r"\['data_batch_3'\] missing .*cifar-10-batches-py.*kriz/cifar.html"):
         _module(tmp_path)
 
@@ -190,6 +190,6 @@ def test_missing_files_say_where_they_belong_and_where_to_get_them(tmp_path):
     ],
 )
 def test_bad_options_are_named(tmp_path, options, expected):
-    _write(tmp_path)
+    write_fake_cifar(tmp_path)
     with pytest.raises(ValueError, match=rf"CIFARDataModule\(root=.*{expected}"):
         _module(tmp_path, **options)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from run_cli import xvlm
+from run_cli import straight_and_resumed, xvlm
 
 TINY_RUN = {
     "seed_everything": 0,
@@ -39,17 +39,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir):
-    straight = xvlm("fit", "--config", "tiny.yaml", "--run", "straight", "--trainer.max_epochs", "3", cwd=workdir)
-    assert straight.returncode == 0, straight.stderr
-    interrupt = '{"class_path": "interruption.StopAfterEpochs", "init_args": {"epochs": 2}}'
-    first = xvlm("fit", "--config", "tiny.yaml", "--run", "split", "--trainer.max_epochs", "3",
-                 "--trainer.callbacks+", interrupt, cwd=workdir)
-    assert first.returncode == 0, first.stderr
-    interrupted = torch.load(workdir / "checkpoints/split/last.ckpt", map_location="cpu", weights_only=True)
+    straight, interrupted = straight_and_resumed("tiny.yaml", epochs=3, stop_after=2, cwd=workdir)
     assert (interrupted["epoch"], interrupted["global_step"]) == (1, 6)
-    resumed = xvlm("fit", "--config", "tiny.yaml", "--run", "split", "--trainer.max_epochs", "3",
-                   "--ckpt_path", "last", cwd=workdir)
-    assert resumed.returncode == 0, resumed.stderr
 
     expected = torch.load(workdir / "checkpoints/straight/last.ckpt", map_location="cpu", weights_only=True)
     got = torch.load(workdir / "checkpoints/split/last.ckpt", map_location="cpu", weights_only=True)

@@ -217,3 +217,18 @@ def test_head_lr_applies_to_licos_own_parts_only(shapes):
     assert lr_of[id(module.head.weight)] == lr_of[id(module.prompts.context)] == lr_of[id(module.mm_log_scale)] == 0.5
     assert lr_of[id(module.backbone.clip.visual.conv1[0].weight)] is None  # the optimiser's lr
     assert len(lr_of) == sum(p.requires_grad for p in module.parameters())
+
+
+def test_lazsl_is_skipped_with_one_warning_for_a_timm_encoder(shapes):
+    from types import SimpleNamespace
+
+    from xvlm.zeroshot import LaZSL
+
+    module = make_lico(shapes, image_encoder="timm:resnet18", input_size=64)
+    trainer = SimpleNamespace(datamodule=shapes, sanity_checking=False)
+    callback = LaZSL(n_crops=2)
+    with pytest.warns(UserWarning, match="LaZSL is skipped: LICO has no zero-shot encoder"):
+        callback.setup(trainer, module, "fit")
+    callback.on_validation_epoch_start(trainer, module)
+    callback.on_validation_batch_end(trainer, module, None, first_batch(shapes), 0)
+    callback.on_validation_epoch_end(trainer, module)  # nothing scored, nothing logged, no error

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from run_cli import xvlm
+from run_cli import straight_and_resumed, xvlm
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 SHRUNK_CALLBACK_ARGS = {"max_batches": 1, "n_crops": 4, "steps": 4, "num_images": 2}
@@ -55,15 +55,7 @@ def test_lico_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path
     run = shrunk(CONFIGS / "lico" / "shapes.yaml")
     run["trainer"]["callbacks"] = [c for c in run["trainer"]["callbacks"] if c["class_path"].endswith("EpochSummary")]
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
-    straight = xvlm("fit", "--config", "run.yaml", "--run", "straight", "--trainer.max_epochs", "2", cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr
-    interrupt = '{"class_path": "interruption.StopAfterEpochs", "init_args": {"epochs": 1}}'
-    first = xvlm("fit", "--config", "run.yaml", "--run", "split", "--trainer.max_epochs", "2",
-                 "--trainer.callbacks+", interrupt, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    resumed = xvlm("fit", "--config", "run.yaml", "--run", "split", "--trainer.max_epochs", "2",
-                   "--ckpt_path", "last", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
+    straight_and_resumed("run.yaml", epochs=2, stop_after=1, cwd=tmp_path)
     expected, got = (torch.load(tmp_path / f"checkpoints/{name}/last.ckpt", weights_only=True)
                      for name in ("straight", "split"))
     assert got["global_step"] == expected["global_step"] == 4
@@ -121,3 +113,23 @@ def test_explain_renders_lico_gradcam_overlays_from_a_checkpoint(tmp_path):
                   "--num_images", "2", "--out", "overlays", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png")) == ["val_00000.png", "val_00001.png"]
+
+
+def test_lico_cifar_recipe_trains_a_wide_resnet_on_cifar_pickles(tmp_path):
+    from test_cifar_datamodule import NAMES, write_fake_cifar
+
+    write_fake_cifar(tmp_path / "data/cifar", variant="cifar100")
+    run = yaml.safe_load((CONFIGS / "lico" / "cifar100.yaml").read_text())
+    run["trainer"].update(accelerator="cpu", devices=1, max_epochs=1, precision="32-true", enable_progress_bar=False,
+                          log_every_n_steps=1, limit_train_batches=2)
+    run["trainer"]["callbacks"][1]["init_args"].update(max_batches=1, steps=4)
+    run["model"]["init_args"].update(image_encoder="timm:wrn28_2", model="xvlm-tiny", pretrained=None)
+    run["data"]["init_args"].update(batch_size=8, num_workers=0)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    result = xvlm("fit", "--config", "run.yaml", "--run", "cifar", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    logged = {key for row in logged_rows(tmp_path / "outputs/cifar/csv") for key, value in row.items() if value}
+    assert {"train/ot", "train/mm", "val/acc", "saliency/overall"} <= logged
+    state = torch.load(tmp_path / "checkpoints/cifar/last.ckpt", weights_only=True)["state_dict"]
+    assert state["head.weight"].shape == (len(NAMES), 128)  # WRN-28-2: 128 channels of an 8 x 8 map
+    assert state["mapper.3.weight"].shape[0] == 64

@@ -38,6 +38,8 @@ def test_build_caches_weights_and_report_and_keeps_the_callers_random_stream(qui
     assert not path.with_suffix(".partial").exists()
     report = json.loads(path.with_suffix(".json").read_text())
     assert report["zsl_chance"] == pytest.approx(1 / 64, abs=1e-4)
+    assert report["recipe"]["image_size"] == RECIPES["xvlm-tiny"].image_size
+    assert report["evaluated_at_px"] == VisionLanguageModel("xvlm-tiny", pretrained=None).image_size  # as loaded
     for key in ("S", "U", "H", "zsl", "zsl_shape", "zsl_colour", "zsl_pattern", "train_seconds"):
         assert 0.0 <= report[key] <= (1.0 if key != "train_seconds" else 1e4)
 
@@ -84,3 +86,12 @@ def test_building_from_the_cli_uses_the_build_recipe_not_the_run_settings(quick_
     report = json.loads((tmp_path / "fresh/backbones/xvlm-tiny-shapes.json").read_text())
     assert report["recipe"]["lr"] == shapes_pretraining.RECIPES["xvlm-tiny"].lr != 0.123
     assert (tmp_path / "checkpoints/default/last.ckpt").is_file()
+
+
+def test_the_build_command_overrides_only_the_given_recipe_fields(tmp_path):
+    shapes_pretraining.main(["--model", "xvlm-tiny-rn", "--steps", "2", "--batch-size", "8", "--val-size", "32",
+                             "--out", str(tmp_path / "rn.pt")])
+    report = json.loads((tmp_path / "rn.json").read_text())
+    expected = replace(RECIPES["xvlm-tiny-rn"], steps=2, batch_size=8, val_size=32)
+    assert report["recipe"] == {k: getattr(expected, k) for k in report["recipe"]}
+    assert (tmp_path / "rn.pt").is_file()

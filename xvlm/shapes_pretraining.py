@@ -37,7 +37,11 @@ PRIMITIVES = ("shape", "colour", "pattern")
 
 @dataclass(frozen=True)
 class BuildRecipe:
-    """How one tiny backbone is pretrained (sized for under five minutes on two CPU cores)."""
+    """How one tiny backbone is pretrained (sized for under five minutes on two CPU cores).
+
+    Images are drawn at ``image_size`` (the backbone is then used at its architecture's size, see
+    :func:`build_shapes_backbone`); ``num_workers`` loader processes draw them while the model trains.
+    """
 
     steps: int = 190
     batch_size: int = 128
@@ -47,12 +51,13 @@ class BuildRecipe:
     warmup_steps: int = 20
     seed: int = 0
     val_size: int = 1024
+    num_workers: int = 0
 
 
 #: Recipes of the backbones ``pretrained='shapes'`` can build, by open_clip architecture name.
 RECIPES: dict[str, BuildRecipe] = {
-    "xvlm-tiny": BuildRecipe(steps=190),
-    "xvlm-tiny-rn": BuildRecipe(steps=280),
+    "xvlm-tiny": BuildRecipe(steps=400, image_size=48),
+    "xvlm-tiny-rn": BuildRecipe(steps=400, image_size=48),
 }
 
 
@@ -88,20 +93,24 @@ def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
 def build_shapes_backbone(model_name: str, path: Path, recipe: BuildRecipe) -> dict:
     """Pretrain ``model_name`` on seen Shapes classes, save its open_clip state dict to ``path``; return the report.
 
-    The report (also written to ``path.with_suffix('.json')``) holds the build time and the zero-shot metrics of
-    :func:`zero_shot_report` on the validation split.
+    Training runs at ``recipe.image_size``; the saved weights are then loaded as every user loads them (at the
+    architecture's own input size, position embeddings resized by open_clip) and the report (also written to
+    ``path.with_suffix('.json')``) holds the build time and the zero-shot metrics of :func:`zero_shot_report` of
+    that model on the validation split at that size.
     """
     from datamodules.shapes import ShapesDataModule
     from xvlm.methods.clip import CLIPFineTune
 
     print(f"Building the '{model_name}' backbone on seen Shapes classes ({recipe.steps} steps); cached at {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
     outer_rng = capture_rng_state()
     start = time.perf_counter()
     try:
         L.seed_everything(recipe.seed, verbose=False)
         datamodule = ShapesDataModule(task="attributes", image_size=recipe.image_size, batch_size=recipe.batch_size,
                                       seed=recipe.seed, train_size=recipe.steps * recipe.batch_size,
-                                      val_size=recipe.val_size)
+                                      num_workers=recipe.num_workers)
         module = CLIPFineTune(model=model_name, pretrained=None, input_size=recipe.image_size,
                               templates=CAPTION_TEMPLATES, lr=recipe.lr, weight_decay=recipe.weight_decay,
                               warmup_steps=recipe.warmup_steps)
@@ -109,13 +118,15 @@ def build_shapes_backbone(model_name: str, path: Path, recipe: BuildRecipe) -> d
                             limit_val_batches=0, num_sanity_val_steps=0, devices=1, enable_model_summary=False)
         trainer.fit(module, datamodule)
         train_seconds = time.perf_counter() - start
+        torch.save(module.backbone.clip.state_dict(), partial)
+        loaded = CLIPFineTune(model=model_name, pretrained=str(partial), templates=CAPTION_TEMPLATES)
+        evaluation = ShapesDataModule(task="attributes", image_size=loaded.input_side, batch_size=recipe.batch_size,
+                                      seed=recipe.seed, val_size=recipe.val_size)
+        loaded.attach_task(evaluation.task)
         report = {"model": model_name, "recipe": asdict(recipe), "train_seconds": round(train_seconds, 1),
-                  **zero_shot_report(module, datamodule)}
+                  "evaluated_at_px": loaded.input_side, **zero_shot_report(loaded, evaluation)}
     finally:
         restore_rng_state(outer_rng)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(module.backbone.clip.state_dict(), partial)
     os.replace(partial, path)
     path.with_suffix(".json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
@@ -154,3 +165,25 @@ def zero_shot_report(module, datamodule) -> dict:
     for name in PRIMITIVES:
         report[f"zsl_{name}"] = round(float(torch.cat(hits[name]).float().mean()), 4)
     return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m xvlm.shapes_pretraining --model xvlm-tiny [--steps N ...] --out file.pt``: build with a recipe.
+
+    Starts from the model's registered recipe and overrides the given fields; prints and writes the report.
+    """
+    import argparse
+    from dataclasses import fields, replace
+
+    parser = argparse.ArgumentParser(description="Build a tiny Shapes backbone with a chosen recipe.")
+    parser.add_argument("--model", default="xvlm-tiny", choices=sorted(RECIPES))
+    parser.add_argument("--out", required=True, help="weights file to write (a JSON report goes beside it)")
+    for field in fields(BuildRecipe):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields(BuildRecipe) if getattr(args, f.name) is not None}
+    build_shapes_backbone(args.model, Path(args.out), replace(RECIPES[args.model], **overrides))
+
+
+if __name__ == "__main__":
+    main()

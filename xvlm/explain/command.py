@@ -5,7 +5,7 @@
 
 The model and datamodule are built from the training run's own config by the ``xvlm`` Lightning CLI (without
 running it), the datamodule's task is attached to the model and the checkpoint's weights are loaded (a checkpoint
-of another module class is refused). Image files are read with PIL, resized to the backbone's input side and
+of another module class is refused). Image files are read with PIL, resized to the module's ``input_side`` and
 CLIP-normalised; without ``--images`` the first ``--num_images`` samples of ``--split`` (default ``val``) are
 explained. One PNG per image goes to ``--out``: ``<split>_<index>.png`` or ``<position>_<file stem>.png``.
 Any other argument (``--model.init_args.templates ...``) goes to the CLI's parser, as in ``xvlm fit``.
@@ -82,7 +82,7 @@ def _batch_and_names(
     """The images the arguments ask for, as one batch, and their output names."""
     if args.images:
         names = [f"{position:03d}_{Path(path).stem}" for position, path in enumerate(args.images)]
-        return load_images(args.images, model.backbone.image_size), names
+        return load_images(args.images, model.input_side), names
     batch = first_samples(getattr(datamodule, f"{args.split}_dataloader")(), args.num_images)
     return batch, sample_names(batch, args.split)
 

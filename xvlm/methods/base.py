@@ -81,6 +81,11 @@ class XVLMModule(L.LightningModule):
         self.test_metrics: GZSLMetrics | None = None
         self._class_text: torch.Tensor | None = None
 
+    @property
+    def input_side(self) -> int:
+        """Side in pixels of the images the module takes (``input_size``, else the backbone's)."""
+        return self.hparams.input_size or self.backbone.image_size
+
     # ----------------------------------------------------------------- contracts
     def zero_shot_encoder(self) -> VisionLanguageModel:
         """The image and text towers as they are now (contract 3 of DESIGN.md)."""
