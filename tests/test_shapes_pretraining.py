@@ -4,6 +4,7 @@ from dataclasses import replace
 import pytest
 import yaml
 import torch
+from open_clip.model import resize_pos_embed
 
 from xvlm import shapes_pretraining
 from xvlm.backbones import VisionLanguageModel
@@ -45,6 +46,9 @@ def test_build_caches_weights_and_report_and_keeps_the_callers_random_stream(qui
 
     loaded = VisionLanguageModel("xvlm-tiny", pretrained="shapes")
     saved = torch.load(path, map_location="cpu", weights_only=True)
+    grid = RECIPES["xvlm-tiny"].image_size // 8
+    assert saved["visual.positional_embedding"].shape[0] == 1 + grid * grid  # trained at the recipe's size
+    resize_pos_embed(saved, loaded.clip)  # ... and loaded at the architecture's, as open_clip resizes it
     for name, tensor in loaded.clip.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
 

@@ -31,8 +31,8 @@ Deviations from the reference code (ymLeiFDU/LICO) and from the letter of the pa
 2. The CLIP text tower is frozen and outside the optimiser (the reference trains it with SGD at lr 0.1).
 3. Variant ``k`` rolls the context by ``k`` (the reference rolls every variant by 1, so all are identical).
 4. ``softmax(−κ·distance)`` with a clamped, exp-parametrised scale (the reference uses ``+distance`` and a raw
-   divisor), over the other samples of the batch: the spec's softmax over all ``j`` includes ``j = i``, whose
-   distance is 0, so at ``κ = 1/0.07`` each row is almost one-hot on itself and L_MM vanishes.
+   divisor), over the other samples of the batch: the paper's softmax over all ``j`` includes ``j = i``,
+   whose distance is 0, so at ``κ = 1/0.07`` each row is almost one-hot on itself and L_MM vanishes.
 5. Language tokens are gathered by label once (the reference gathers twice, pairing samples with wrong classes).
 6. Class names come from the task in label order; every shape is derived from the encoder and the task.
 7. Only the classes present in the batch are encoded (the reference encodes all ``C · M`` prompts every step).
