@@ -1,6 +1,6 @@
 """The honest LICO comparison: CLIPFineTune, the CE baseline and LICO on Shapes ``attributes``, 3 seeds each.
 
-``python benchmarks/compare_lico.py`` (about 20 min on 2 CPU cores; ``--seeds``, ``--epochs`` to change) trains
+``python benchmarks/compare_lico.py`` (about 17 min on 2 CPU cores; ``--seeds``, ``--epochs`` to change) trains
 each method from the tiny Shapes backbone with the same budget (epochs, batch and samples of
 ``configs/lico/shapes.yaml``; each method's optimiser settings from its own Shapes config), then evaluates the
 final weights once on the validation split (no model selection happens, so it is a held-out set here) with the
