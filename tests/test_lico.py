@@ -170,7 +170,7 @@ def test_explain_gives_the_gradcam_of_the_predicted_class(shapes):
     assert out["saliency"].shape == (6, 64, 64)
     assert torch.equal(out["predicted"], module.classify(batch["image"]).argmax(dim=1))
     # With a linear head on GAP(F), Grad-CAM is the class activation map relu(Σ_k w_ck F_k), up to scale.
-    weights = module.head.weight[module.head_index[out["predicted"]]]
+    weights = module.head.weight[module.seen_position[out["predicted"]]]
     cam = torch.relu(torch.einsum("bk,bkhw->bhw", weights, maps))
     cam = F.interpolate(cam[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
     cam = cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
@@ -232,3 +232,11 @@ def test_lazsl_is_skipped_with_one_warning_for_a_timm_encoder(shapes):
     callback.on_validation_epoch_start(trainer, module)
     callback.on_validation_batch_end(trainer, module, None, first_batch(shapes), 0)
     callback.on_validation_epoch_end(trainer, module)  # nothing scored, nothing logged, no error
+
+
+def test_init_weights_fill_the_task_dependent_parts_too(shapes, tmp_path):
+    source = make_lico(shapes)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
+    copy = make_lico(shapes, init_weights=str(tmp_path / "source.ckpt"))
+    for name in ("head.weight", "prompts.context", "mapper.0.weight", "backbone.clip.visual.proj"):
+        assert torch.equal(copy.state_dict()[name], source.state_dict()[name]), name

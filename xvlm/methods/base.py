@@ -132,7 +132,8 @@ class XVLMModule(L.LightningModule):
         self.attach_task(task)
 
     def attach_task(self, task: Task) -> None:
-        """Take ``task``'s label space: class names for prompts and the GZSL metrics of its seen/unseen split.
+        """Take ``task``'s label space: class names for prompts, the GZSL metrics of its seen/unseen split and the
+        buffers ``seen_classes [C_seen]`` and ``seen_position [C]`` (a class's index among the seen ones, or −1).
 
         ``setup`` calls it with the datamodule's task; call it directly to use a module without a ``Trainer``
         (``xvlm explain``). A method that builds task-dependent parts overrides this (calling ``super()``) rather
@@ -141,6 +142,23 @@ class XVLMModule(L.LightningModule):
         self.task = task
         self.val_metrics = GZSLMetrics(task.num_classes, task.seen, task.unseen)
         self.test_metrics = GZSLMetrics(task.num_classes, task.seen, task.unseen)
+        device = self.backbone.logit_scale.device
+        seen = torch.as_tensor(task.seen, dtype=torch.long, device=device)
+        position = torch.full((task.num_classes,), -1, dtype=torch.long, device=device)
+        position[seen] = torch.arange(len(seen), device=device)
+        self.register_buffer("seen_classes", seen, persistent=False)
+        self.register_buffer("seen_position", position, persistent=False)
+
+    def seen_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Position ``[B]`` of each label among the task's seen classes (the target over seen-class outputs).
+
+        Raises:
+            ValueError: a label is an unseen class (the datamodule leaks held-out classes into training).
+        """
+        target = self.seen_position[labels]
+        if bool((target < 0).any()):
+            raise ValueError("a training batch holds an unseen class; the datamodule leaks held-out classes")
+        return target
 
     def class_prompts(self, template: str, classes: Sequence[int] | None = None) -> list[str]:
         """``template.format(name)`` for each class (all classes when ``classes`` is None)."""

@@ -38,18 +38,13 @@ class CLIPFineTune(XVLMModule):
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Contrastive loss of one batch against one random-template prompt per seen class."""
-        seen = torch.as_tensor(self.task.seen, device=self.device)
-        choice = torch.randint(len(self.templates), (len(seen),)).tolist()
+        choice = torch.randint(len(self.templates), (len(self.task.seen),)).tolist()
         names = self.task.class_names
         prompts = [self.templates[t].format(names[c]) for t, c in zip(choice, self.task.seen)]
         text = self.backbone.encode_texts(prompts)
         image = self.backbone.encode_image(batch["image"])
         logits = self.backbone.logit_scale.exp().clamp(max=100) * image @ text.T
-        position = torch.full((self.task.num_classes,), -1, dtype=torch.long, device=self.device)
-        position[seen] = torch.arange(len(seen), device=self.device)
-        target = position[batch["label"]]
-        if (target < 0).any():
-            raise ValueError("a training batch holds an unseen class; the datamodule leaks held-out classes")
+        target = self.seen_targets(batch["label"])
         loss = F.cross_entropy(logits, target)
         if self.symmetric:
             loss = 0.5 * (loss + self._text_to_image_loss(logits, target))

@@ -56,6 +56,7 @@ from torch import nn
 
 from datamodules.task import Task
 from xvlm.backbones import VisionLanguageModel
+from xvlm.checkpointing import load_weights
 from xvlm.explain.saliency import grad_cam, grad_cam_plus_plus
 from xvlm.methods.base import XVLMModule
 from xvlm.metrics import GZSLMetrics
@@ -216,7 +217,7 @@ class LICO(XVLMModule):
                          warmup_steps=warmup_steps, optimizer=optimizer, momentum=momentum)
         self.timm_encoder = None if uses_clip_tower else TimmFeatures(image_encoder[5:], encoder_weights,
                                                                       encoder_kwargs)
-        side = input_size or self.backbone.image_size
+        side = self.input_side
         with torch.no_grad():
             channels, height, width = self.feature_maps(torch.zeros(1, 3, side, side)).shape[1:]
         self.num_tokens, self.token_dim = int(channels), int(height * width)
@@ -226,7 +227,6 @@ class LICO(XVLMModule):
         self.mm_log_scale = nn.Parameter(torch.tensor(MM_SCALE_INIT))
         self.prompts: SoftPrompts | None = None
         self.head: nn.Linear | None = None
-        self._init_weights = init_weights
 
     # ----------------------------------------------------------------- task-dependent parts
     def attach_task(self, task: Task) -> None:
@@ -235,19 +235,12 @@ class LICO(XVLMModule):
         self.val_metrics = GZSLMetrics(task.num_classes, task.seen, ())
         self.test_metrics = GZSLMetrics(task.num_classes, task.seen, ())
         if self.head is None:
-            seen = torch.as_tensor(task.seen, dtype=torch.long)
-            position = torch.full((task.num_classes,), -1, dtype=torch.long)
-            position[seen] = torch.arange(len(seen))
-            self.register_buffer("seen_classes", seen, persistent=False)
-            self.register_buffer("head_index", position, persistent=False)
             self.head = nn.Linear(self.num_tokens, len(task.seen))
             self.prompts = SoftPrompts(self.backbone, task.class_names, self.hparams.n_ctx,
                                        self.hparams.class_specific_ctx)
             self.to(self.backbone.logit_scale.device)
-            if self._init_weights is not None:
-                from xvlm.checkpointing import load_weights
-
-                load_weights(self, self._init_weights)
+            if self.hparams.init_weights is not None:  # loaded once the task-dependent parts exist
+                load_weights(self, self.hparams.init_weights)
         elif self.head.out_features != len(task.seen):
             raise ValueError(f"LICO was built for {self.head.out_features} seen classes; {task.source} has "
                              f"{len(task.seen)}")
@@ -308,9 +301,7 @@ class LICO(XVLMModule):
         """``ce``, ``mm``, ``ot`` and their weighted sum ``loss`` of one batch (``mm``/``ot`` only when weighted)."""
         hp = self.hparams
         labels = batch["label"]
-        target = self.head_index[labels]
-        if bool((target < 0).any()):
-            raise ValueError("a training batch holds an unseen class; the datamodule leaks held-out classes")
+        target = self.seen_targets(labels)
         maps = self.feature_maps(batch["image"])
         logits = self.seen_logits(maps)
         out = {"ce": F.cross_entropy(logits, target)}
