@@ -29,7 +29,7 @@ def _uniform(colour, height: int = 12, width: int = 12) -> np.ndarray:
     return np.broadcast_to(np.array(colour, dtype=np.uint8), (height, width, 3)).copy()
 
 
-def _tree(root, colours=COLOURS, counts=COUNTS):
+def write_image_tree(root, colours=COLOURS, counts=COUNTS):
     """``root/<split>/<folder>/<k>.png`` uniform images of each folder's colour, plus files that are not images."""
     for split, count in counts.items():
         for folder, colour in colours.items():
@@ -57,7 +57,7 @@ def _module(root, **kwargs) -> ImageFolderDataModule:
 
 # ------------------------------------------------------------------------------------------------ labels and pixels
 def test_labels_follow_sorted_folders_and_names_drop_underscores(tmp_path):
-    root = _tree(tmp_path)
+    root = write_image_tree(tmp_path)
     _write(root / "val" / "ant" / "nested" / "UPPER.PNG", _uniform(COLOURS["ant"]))
     dm = _module(root)
     assert dm.task.class_names == ("Zebra", "ant", "sea lion")
@@ -73,7 +73,7 @@ def test_labels_follow_sorted_folders_and_names_drop_underscores(tmp_path):
 
 def test_class_name_map_renames_folders_in_folder_order(tmp_path):
     colours = {"n02": (250, 0, 0), "n01": (0, 250, 0), "n03": (0, 0, 250)}
-    root = _tree(tmp_path / "data", colours)
+    root = write_image_tree(tmp_path / "data", colours)
     mapping = tmp_path / "names.json"
     mapping.write_text(json.dumps({"n03": "great_white shark", "n02": "goldfish", "n01": "tench", "n99": "other"}))
     dm = _module(root, class_names=str(mapping))
@@ -84,7 +84,7 @@ def test_class_name_map_renames_folders_in_folder_order(tmp_path):
 
 
 def test_descriptors_of_the_dataset_classes_reach_the_task(tmp_path):
-    root = _tree(tmp_path / "data")
+    root = write_image_tree(tmp_path / "data")
     table = {"sea lion": ["which has flippers"], "ant": ["which has six legs", "which is small"],
              "Zebra": ["which has stripes"], "bee": ["which has wings"]}
     (tmp_path / "descriptors.json").write_text(json.dumps(table))
@@ -107,7 +107,7 @@ def _unseen_spec(tmp_path, form: str):
 
 @pytest.mark.parametrize("form", ["readable", "folders", "text", "json"])
 def test_unseen_classes_leave_train_and_stay_in_val_flagged(tmp_path, form):
-    root = _tree(tmp_path / "data")
+    root = write_image_tree(tmp_path / "data")
     dm = _module(root, unseen_classes=_unseen_spec(tmp_path, form), test_split=None)
     assert dm.task.seen == (1,) and dm.task.unseen == (0, 2)
     train = _all(dm.train_dataloader())
@@ -119,13 +119,13 @@ def test_unseen_classes_leave_train_and_stay_in_val_flagged(tmp_path, form):
 
 
 def test_test_split_reads_its_own_folder_only_when_named(tmp_path):
-    root = _tree(tmp_path, counts={"train": 1, "val": 1, "test": 2})
+    root = write_image_tree(tmp_path, counts={"train": 1, "val": 1, "test": 2})
     assert len(_all(_module(root).test_dataloader())["label"]) == 3
     assert len(_all(_module(root, test_split="test").test_dataloader())["label"]) == 6
 
 
 def test_eval_resizes_the_shorter_side_and_keeps_the_centre(tmp_path):
-    root = _tree(tmp_path, counts={"train": 1})
+    root = write_image_tree(tmp_path, counts={"train": 1})
     strip = np.concatenate([_uniform(colour, 16, 16) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))], axis=1)
     _write(root / "val" / "ant" / "strip.png", strip)
     image = _module(root).val_dataloader().dataset[0]["image"]
@@ -152,7 +152,7 @@ def test_train_augmentation_follows_torch_seed(tmp_path):
 
 
 def test_train_loader_shuffles_and_eval_loaders_keep_order(tmp_path):
-    dm = _module(_tree(tmp_path), batch_size=2)
+    dm = _module(write_image_tree(tmp_path), batch_size=2)
     assert isinstance(dm.train_dataloader().sampler, torch.utils.data.RandomSampler)
     assert isinstance(dm.val_dataloader().sampler, torch.utils.data.SequentialSampler)
     assert dm.val_dataloader().batch_size == 2
@@ -204,7 +204,7 @@ ERRORS = {
 @pytest.mark.parametrize("case", ERRORS)
 def test_configuration_errors_name_the_option_and_file(tmp_path, case):
     make, expected = ERRORS[case]
-    root = _tree(tmp_path / "data")
+    root = write_image_tree(tmp_path / "data")
     with pytest.raises(ValueError) as error:
         _module(root, **make(root, tmp_path))
     for text in ["ImageFolderDataModule(root=", *expected]:
@@ -214,7 +214,7 @@ def test_configuration_errors_name_the_option_and_file(tmp_path, case):
 def test_missing_root_and_seen_class_without_images_are_explained(tmp_path):
     with pytest.raises(ValueError, match=r"split folder .*missing.*train.* not found.*root/<train_split>/<class>"):
         _module(tmp_path / "missing")
-    root = _tree(tmp_path / "data")
+    root = write_image_tree(tmp_path / "data")
     for path in (root / "train" / "ant").glob("*.png"):
         path.unlink()
     dm = _module(root)

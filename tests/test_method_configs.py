@@ -65,23 +65,11 @@ def test_lico_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path
         assert torch.equal(got["state_dict"][name], tensor), name
 
 
-def write_class_folders(root: Path, classes: dict[str, tuple[int, int, int]], per_class: int = 4) -> None:
-    """``root/{train,val}/<class>/<i>.png``: noisy 40-px images around one colour per class."""
-    import cv2
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for name, colour in classes.items():
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                image = np.clip(rng.normal(colour, 20, size=(40, 40, 3)), 0, 255).astype(np.uint8)
-                cv2.imwrite(str(folder / f"{i}.png"), image[:, :, ::-1])
-
-
 def test_lico_trains_on_a_class_folder_dataset_with_a_timm_encoder(tmp_path):
-    write_class_folders(tmp_path / "data", {"n001": (200, 30, 30), "n002": (30, 200, 30), "n003": (30, 30, 200)})
+    from test_folder_datamodule import write_image_tree
+
+    write_image_tree(tmp_path / "data", colours={"n001": (200, 30, 30), "n002": (30, 200, 30), "n003": (30, 30, 200)},
+                     counts={"train": 4, "val": 4})
     (tmp_path / "data/names.json").write_text('{"n001": "red thing", "n002": "green thing", "n003": "blue thing"}')
     run = yaml.safe_load((CONFIGS / "lico" / "imagenet.yaml").read_text())
     run["trainer"] = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,

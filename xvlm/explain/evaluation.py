@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 
-from xvlm.explain.gallery import explain_batch
+from xvlm.explain.gallery import explain_batch, split_loader
 from xvlm.methods.base import XVLMModule
 from xvlm.metrics.saliency import SaliencyMetrics, saliency_scores
 
@@ -55,11 +55,8 @@ class SaliencyEvaluation(Callback):
 
     def _samples(self, trainer: L.Trainer) -> list[dict[str, Any]]:
         if self._batches is None:
-            loader = getattr(trainer.datamodule, f"{self.split}_dataloader", None)
-            if loader is None:
-                raise ValueError(f"SaliencyEvaluation(split='{self.split}') needs a datamodule with "
-                                 f"{self.split}_dataloader(); got {type(trainer.datamodule).__name__}")
-            self._batches = [move_data_to_device(batch, "cpu") for batch in islice(loader(), self.max_batches)]
+            loader = split_loader(trainer, self.split, "SaliencyEvaluation")
+            self._batches = [move_data_to_device(batch, "cpu") for batch in islice(loader, self.max_batches)]
         return self._batches
 
     def _scorer(self, module: XVLMModule) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]:

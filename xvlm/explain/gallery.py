@@ -45,6 +45,15 @@ def first_samples(loader: Iterable[dict[str, Any]], count: int) -> dict[str, Any
     return {key: _concat([part[key] for part in parts])[:count] for key in parts[0]}
 
 
+def split_loader(trainer: L.Trainer, split: str, owner: str) -> Iterable[dict[str, Any]]:
+    """A fresh ``<split>_dataloader()`` of the trainer's datamodule; ``owner`` names the caller in the error."""
+    loader = getattr(trainer.datamodule, f"{split}_dataloader", None)
+    if loader is None:
+        raise ValueError(f"{owner}(split='{split}') needs a datamodule with {split}_dataloader(); "
+                         f"got {type(trainer.datamodule).__name__}")
+    return loader()
+
+
 def sample_names(batch: dict[str, Any], prefix: str) -> list[str]:
     """``"<prefix>_<index>"`` per sample: the dataset ``index`` when the batch has one, else the position."""
     indices = batch["index"].tolist() if "index" in batch else range(len(batch["image"]))
@@ -120,12 +129,8 @@ class ExplanationGallery(Callback):
 
     def _samples(self, trainer: L.Trainer) -> dict[str, Any]:
         if self._batch is None:
-            loader = getattr(trainer.datamodule, f"{self.split}_dataloader", None)
-            if loader is None:
-                raise ValueError(f"ExplanationGallery(split='{self.split}') needs a datamodule with "
-                                 f"{self.split}_dataloader(); got {type(trainer.datamodule).__name__}")
             with torch.inference_mode(False):
-                self._batch = first_samples(loader(), self.num_images)
+                self._batch = first_samples(split_loader(trainer, self.split, "ExplanationGallery"), self.num_images)
         return self._batch
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: XVLMModule) -> None:
