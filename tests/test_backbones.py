@@ -56,6 +56,19 @@ def test_conv_stem_keeps_the_patch_grid():
         conv_stem(width=40, patch_size=16, channels=(8, 16, 24))
 
 
+def test_conv_stem_runs_channels_last_with_the_results_and_names_of_a_plain_stack():
+    torch.manual_seed(0)
+    stem = conv_stem(width=40, patch_size=8, channels=(8, 16, 24)).eval()
+    plain = torch.nn.Sequential(*stem).to(memory_format=torch.contiguous_format)  # the same layers, NCHW
+    images = torch.randn(2, 3, 64, 64)
+    out = stem(images)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert list(stem.state_dict()) == list(plain.state_dict())  # checkpoints of either load into the other
+    torch.testing.assert_close(out, plain(images), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in stem.parameters())
+
+
 def test_local_file_pretrained_round_trips(tmp_path):
     torch.manual_seed(0)
     source = VisionLanguageModel("xvlm-tiny", pretrained=None).eval()

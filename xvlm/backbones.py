@@ -56,7 +56,19 @@ def _conv_bn_gelu(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.GELU()]
 
 
-def conv_stem(width: int, patch_size: int, channels: Sequence[int]) -> nn.Sequential:
+class ConvStem(nn.Sequential):
+    """A convolutional patch embedding that runs in channels-last memory format.
+
+    Channels-last convolutions are about twice as fast on CPUs (oneDNN) and use tensor cores on GPUs; the output
+    ``[B, W, h, w]`` stays channels-last, which open_clip's ``reshape(B, W, h * w)`` reads without a copy.
+    Parameter names are those of a plain ``nn.Sequential``.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(images.contiguous(memory_format=torch.channels_last))
+
+
+def conv_stem(width: int, patch_size: int, channels: Sequence[int]) -> ConvStem:
     """Stages of a stride-2 and a stride-1 3x3 convolution (BatchNorm, GELU), then a 1x1 projection to ``width``.
 
     ``[B, 3, H, W] -> [B, width, H / patch_size, W / patch_size]``; needs ``patch_size == 2 ** len(channels)``.
@@ -72,7 +84,7 @@ def conv_stem(width: int, patch_size: int, channels: Sequence[int]) -> nn.Sequen
         layers += _conv_bn_gelu(in_ch, out_ch, 2) + _conv_bn_gelu(out_ch, out_ch, 1)
         in_ch = out_ch
     layers.append(nn.Conv2d(in_ch, width, 1))
-    return nn.Sequential(*layers)
+    return ConvStem(*layers).to(memory_format=torch.channels_last)
 
 
 def available_models() -> list[str]:

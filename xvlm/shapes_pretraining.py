@@ -40,7 +40,9 @@ class BuildRecipe:
     """How one tiny backbone is pretrained (sized for under five minutes on two CPU cores).
 
     Images are drawn at ``image_size`` (the backbone is then used at its architecture's size, see
-    :func:`build_shapes_backbone`); ``num_workers`` loader processes draw them while the model trains.
+    :func:`build_shapes_backbone`); ``num_workers`` loader processes draw them while the model trains. Every
+    training image is a fresh draw of the world (random size, position, rotation and clutter), so ``augment``
+    (the datamodule's geometric augmentation) is off by default: it would only cost time.
     """
 
     steps: int = 190
@@ -52,6 +54,7 @@ class BuildRecipe:
     seed: int = 0
     val_size: int = 1024
     num_workers: int = 0
+    augment: bool = False
 
 
 #: Recipes of the backbones ``pretrained='shapes'`` can build, by open_clip architecture name.
@@ -110,7 +113,7 @@ def build_shapes_backbone(model_name: str, path: Path, recipe: BuildRecipe) -> d
         L.seed_everything(recipe.seed, verbose=False)
         datamodule = ShapesDataModule(task="attributes", image_size=recipe.image_size, batch_size=recipe.batch_size,
                                       seed=recipe.seed, train_size=recipe.steps * recipe.batch_size,
-                                      num_workers=recipe.num_workers)
+                                      num_workers=recipe.num_workers, augment=recipe.augment)
         module = CLIPFineTune(model=model_name, pretrained=None, input_size=recipe.image_size,
                               templates=CAPTION_TEMPLATES, lr=recipe.lr, weight_decay=recipe.weight_decay,
                               warmup_steps=recipe.warmup_steps)
@@ -179,7 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="xvlm-tiny", choices=sorted(RECIPES))
     parser.add_argument("--out", required=True, help="weights file to write (a JSON report goes beside it)")
     for field in fields(BuildRecipe):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
+        flag = f"--{field.name.replace('_', '-')}"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=None)
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(BuildRecipe) if getattr(args, f.name) is not None}
     build_shapes_backbone(args.model, Path(args.out), replace(RECIPES[args.model], **overrides))
