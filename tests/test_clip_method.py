@@ -47,6 +47,31 @@ def test_training_steps_fit_a_fixed_batch():
     assert losses[-1] < 0.85 * losses[0]
 
 
+@pytest.mark.parametrize("negatives", ["seen", "batch"])
+def test_image_to_text_loss_matches_a_per_image_loop_over_the_candidate_classes(negatives):
+    datamodule = ShapesDataModule(image_size=32)
+    module = _module_on(datamodule, templates=["a {}."], symmetric=False, negatives=negatives).eval()
+    seen = datamodule.task.seen
+    labels = [seen[3], seen[7], seen[3], seen[0], seen[11]]
+    batch = {"image": torch.randn(len(labels), 3, 32, 32), "label": torch.tensor(labels)}
+    candidates = seen if negatives == "seen" else sorted(set(labels))
+    with torch.no_grad():
+        loss = module.loss(batch)
+        scale = module.backbone.logit_scale.exp()
+        image = module.backbone.encode_image(batch["image"])
+        text = {c: module.backbone.encode_texts([f"a {datamodule.task.class_names[c]}."])[0] for c in candidates}
+    expected = []
+    for feature, label in zip(image, labels):
+        logits = torch.stack([scale * feature @ text[c] for c in candidates])
+        expected.append(torch.logsumexp(logits, 0) - scale * feature @ text[label])
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_negatives_option_is_named():
+    with pytest.raises(ValueError, match="negatives='all'"):
+        CLIPFineTune(pretrained=None, negatives="all")
+
+
 def test_unseen_class_in_a_training_batch_is_refused():
     datamodule = ShapesDataModule(image_size=32)
     module = _module_on(datamodule)

@@ -94,8 +94,9 @@ def test_building_from_the_cli_uses_the_build_recipe_not_the_run_settings(quick_
 
 def test_the_build_command_overrides_only_the_given_recipe_fields(tmp_path):
     shapes_pretraining.main(["--model", "xvlm-tiny-rn", "--steps", "2", "--batch-size", "8", "--val-size", "32",
-                             "--out", str(tmp_path / "rn.pt")])
+                             "--augment", "--negatives", "batch", "--out", str(tmp_path / "rn.pt")])
     report = json.loads((tmp_path / "rn.json").read_text())
-    expected = replace(RECIPES["xvlm-tiny-rn"], steps=2, batch_size=8, val_size=32)
+    expected = replace(RECIPES["xvlm-tiny-rn"], steps=2, batch_size=8, val_size=32, augment=True, negatives="batch")
+    assert RECIPES["xvlm-tiny-rn"].augment is False  # so the flag really changed it
     assert report["recipe"] == {k: getattr(expected, k) for k in report["recipe"]}
     assert (tmp_path / "rn.pt").is_file()

@@ -42,7 +42,9 @@ class BuildRecipe:
     Images are drawn at ``image_size`` (the backbone is then used at its architecture's size, see
     :func:`build_shapes_backbone`); ``num_workers`` loader processes draw them while the model trains. Every
     training image is a fresh draw of the world (random size, position, rotation and clutter), so ``augment``
-    (the datamodule's geometric augmentation) is off by default: it would only cost time.
+    (the datamodule's geometric augmentation) is off by default: it would only cost time. ``negatives`` is
+    :class:`~xvlm.methods.clip.CLIPFineTune`'s: ``batch`` encodes only the captions of the classes in the batch,
+    which makes small batches (more updates for the same images) cheap.
     """
 
     steps: int = 190
@@ -55,11 +57,12 @@ class BuildRecipe:
     val_size: int = 1024
     num_workers: int = 0
     augment: bool = False
+    negatives: str = "seen"
 
 
 #: Recipes of the backbones ``pretrained='shapes'`` can build, by open_clip architecture name.
 RECIPES: dict[str, BuildRecipe] = {
-    "xvlm-tiny": BuildRecipe(steps=400, image_size=48),
+    "xvlm-tiny": BuildRecipe(steps=800, batch_size=64, image_size=48, warmup_steps=40, negatives="batch"),
     "xvlm-tiny-rn": BuildRecipe(steps=400, image_size=48),
 }
 
@@ -116,7 +119,7 @@ def build_shapes_backbone(model_name: str, path: Path, recipe: BuildRecipe) -> d
                                       num_workers=recipe.num_workers, augment=recipe.augment)
         module = CLIPFineTune(model=model_name, pretrained=None, input_size=recipe.image_size,
                               templates=CAPTION_TEMPLATES, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                              warmup_steps=recipe.warmup_steps)
+                              warmup_steps=recipe.warmup_steps, negatives=recipe.negatives)
         trainer = L.Trainer(max_steps=recipe.steps, max_epochs=1, logger=False, enable_checkpointing=False,
                             limit_val_batches=0, num_sanity_val_steps=0, devices=1, enable_model_summary=False)
         trainer.fit(module, datamodule)

@@ -1,17 +1,20 @@
 """``CLIPFineTune``: contrastive fine-tuning of both CLIP towers on class prompts — the baseline of every method.
 
-Each training step encodes one prompt per seen class (the template drawn at random per class and step) and
-trains with the CLIP image-to-text loss against all seen classes at once:
+Each training step encodes one prompt per candidate class (the template drawn at random per class and step)
+and trains with the CLIP image-to-text loss against all candidates at once:
 ``L = CE(τ · f(x) g(T)ᵀ, y)`` with unit-norm image features ``f(x) [B, D]``, class prompt features
-``g(T) [C_seen, D]`` and the learnt temperature ``τ = exp(logit_scale)``. Every seen class is a negative exactly
-once, so a batch holding two images of one class never treats that class's caption as a negative (the flaw of
-batch-wise caption contrast on small label spaces). With ``symmetric=True`` the text-to-image direction is
-added for the classes present in the batch, with every image of the class as a positive.
+``g(T) [K, D]`` and the learnt temperature ``τ = exp(logit_scale)``. The candidates are every seen class
+(``negatives='seen'``, ``K = C_seen``) or only the classes present in the batch (``negatives='batch'``, CLIP's
+in-batch contrast with one caption per class: cheaper text side for large label spaces or small batches). Either
+way every candidate is a negative exactly once, so a batch holding two images of one class never treats that
+class's caption as a negative (the flaw of batch-wise caption contrast on small label spaces). With
+``symmetric=True`` the text-to-image direction is added for the classes present in the batch, with every image
+of the class as a positive.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +27,17 @@ class CLIPFineTune(XVLMModule):
 
     Args:
         symmetric: also apply the text-to-image loss over the classes in the batch.
+        negatives: candidate captions of the image-to-text loss: every seen class (``seen``) or the classes in
+            the batch (``batch``).
         **kwargs: :class:`XVLMModule` arguments (backbone, prompts, optimiser).
     """
 
-    def __init__(self, symmetric: bool = True, **kwargs: Any) -> None:
+    def __init__(self, symmetric: bool = True, negatives: Literal["seen", "batch"] = "seen", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if negatives not in ("seen", "batch"):
+            raise ValueError(f"negatives={negatives!r}: choose 'seen' (every seen class) or 'batch'")
         self.symmetric = symmetric
+        self.negatives = negatives
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
@@ -37,14 +45,18 @@ class CLIPFineTune(XVLMModule):
         return loss
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Contrastive loss of one batch against one random-template prompt per seen class."""
-        choice = torch.randint(len(self.templates), (len(self.task.seen),)).tolist()
+        """Contrastive loss of one batch against one random-template prompt per candidate class."""
+        target = self.seen_targets(batch["label"])
+        classes = self.seen_classes
+        if self.negatives == "batch":
+            present, target = target.unique(return_inverse=True)
+            classes = classes[present]
+        choice = torch.randint(len(self.templates), (len(classes),)).tolist()
         names = self.task.class_names
-        prompts = [self.templates[t].format(names[c]) for t, c in zip(choice, self.task.seen)]
+        prompts = [self.templates[t].format(names[c]) for t, c in zip(choice, classes.tolist())]
         text = self.backbone.encode_texts(prompts)
         image = self.backbone.encode_image(batch["image"])
         logits = self.backbone.logit_scale.exp().clamp(max=100) * image @ text.T
-        target = self.seen_targets(batch["label"])
         loss = F.cross_entropy(logits, target)
         if self.symmetric:
             loss = 0.5 * (loss + self._text_to_image_loss(logits, target))
