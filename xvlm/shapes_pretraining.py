@@ -62,7 +62,7 @@ class BuildRecipe:
 
 #: Recipes of the backbones ``pretrained='shapes'`` can build, by open_clip architecture name.
 RECIPES: dict[str, BuildRecipe] = {
-    "xvlm-tiny": BuildRecipe(steps=800, batch_size=64, image_size=48, warmup_steps=40, negatives="batch"),
+    "xvlm-tiny": BuildRecipe(steps=800, batch_size=64, image_size=48, lr=1e-3, warmup_steps=40, negatives="batch"),
     "xvlm-tiny-rn": BuildRecipe(steps=400, image_size=48),
 }
 
