@@ -11,21 +11,23 @@ forward, backward and AdamW step. Variants, each a change on top of the previous
 4. 800 steps of 64 images (the same images, twice the updates), still every seen caption per step;
 5. only the captions of the classes in the batch (``negatives='batch'``): the shipped recipe.
 
-Each step time is the best of ``--repeats`` timings of ``--steps`` steps after a warm-up step; "build s" is
+Each step time is the best of ``--repeats`` timings of ``--steps`` steps after a warm-up step, the variants
+timed in turn within each repeat (so a slow spell of the machine hits all of them, not one); "build s" is
 steps × s/step (the training part of the build), and the ratio is the earlier recipe's over the variant's.
+A second table times the conv stem alone (forward and backward of one batch) in both memory formats.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
-from bench_lico import best_seconds  # noqa: E402
 from torch import nn  # noqa: E402
 
 from datamodules.shapes import ShapesDataModule  # noqa: E402
@@ -78,6 +80,31 @@ def build_step(variant: Variant, steps: int, repeats: int) -> Callable[[], None]
     return step
 
 
+def stem_pass(channels_last: bool, batch_size: int) -> Callable[[], None]:
+    """Forward and backward of ``xvlm-tiny``'s conv stem on one batch, in the given memory format."""
+    recipe = RECIPES["xvlm-tiny"]
+    torch.manual_seed(0)
+    stem = CLIPFineTune(model="xvlm-tiny", pretrained=None, input_size=recipe.image_size).backbone.clip.visual.conv1
+    if not channels_last:
+        stem = nn.Sequential(*stem).to(memory_format=torch.contiguous_format)
+    images = torch.randn(batch_size, 3, recipe.image_size, recipe.image_size)
+    return lambda: stem(images).sum().backward()
+
+
+def best_seconds_in_turn(passes: dict[str, Callable[[], None]], steps: int, repeats: int) -> dict[str, float]:
+    """Best seconds per call of each of ``passes`` over ``repeats`` rounds of ``steps`` calls, timed in turn."""
+    for run in passes.values():
+        run()
+    best = dict.fromkeys(passes, float("inf"))
+    for _ in range(repeats):
+        for name, run in passes.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            best[name] = min(best[name], (time.perf_counter() - start) / steps)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
@@ -88,13 +115,20 @@ def main() -> None:
     print(f"xvlm-tiny build steps at {RECIPES['xvlm-tiny'].image_size} px, {args.threads} threads")
     print("| variant | batch | steps | s/step | images/s | build s | ratio to the earlier recipe |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    baseline = None
+    step = best_seconds_in_turn({v.name: build_step(v, args.steps, args.repeats) for v in VARIANTS}, args.steps,
+                                args.repeats)
+    baseline = step[VARIANTS[0].name] * VARIANTS[0].steps
     for variant in VARIANTS:
-        seconds = best_seconds(build_step(variant, args.steps, args.repeats), args.steps, args.repeats)
+        seconds = step[variant.name]
         build = seconds * variant.steps
-        baseline = baseline or build
         print(f"| {variant.name} | {variant.batch_size} | {variant.steps} | {seconds:.3f} | "
               f"{variant.batch_size / seconds:.0f} | {build:.0f} | {baseline / build:.2f} |")
+    print("\n| conv stem alone, batch 128 | s/pass | ratio to NCHW |")
+    print("|---|---:|---:|")
+    stem = best_seconds_in_turn({layout: stem_pass(layout == "channels-last", 128)
+                                 for layout in ("NCHW", "channels-last")}, args.steps, args.repeats)
+    for layout, seconds in stem.items():
+        print(f"| {layout} | {seconds:.3f} | {stem['NCHW'] / seconds:.2f} |")
 
 
 if __name__ == "__main__":

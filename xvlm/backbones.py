@@ -59,7 +59,7 @@ def _conv_bn_gelu(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
 class ConvStem(nn.Sequential):
     """A convolutional patch embedding that runs in channels-last memory format.
 
-    Channels-last convolutions are about twice as fast on CPUs (oneDNN; measured in ``benchmarks/bench_build.py``)
+    Channels-last convolutions are 1.2-1.3x as fast on CPUs (oneDNN; measured in ``benchmarks/bench_build.py``)
     and are the layout GPU convolution kernels prefer under mixed precision. The output ``[B, W, h, w]`` stays
     channels-last, which open_clip's ``reshape(B, W, h * w)`` reads without a copy.
     Parameter names are those of a plain ``nn.Sequential``.
