@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
+from timing import best_seconds_in_turn  # noqa: E402
 from torch import nn  # noqa: E402
 
 from datamodules.shapes import ShapesDataModule  # noqa: E402
@@ -89,20 +89,6 @@ def stem_pass(channels_last: bool, batch_size: int) -> Callable[[], None]:
         stem = nn.Sequential(*stem).to(memory_format=torch.contiguous_format)
     images = torch.randn(batch_size, 3, recipe.image_size, recipe.image_size)
     return lambda: stem(images).sum().backward()
-
-
-def best_seconds_in_turn(passes: dict[str, Callable[[], None]], steps: int, repeats: int) -> dict[str, float]:
-    """Best seconds per call of each of ``passes`` over ``repeats`` rounds of ``steps`` calls, timed in turn."""
-    for run in passes.values():
-        run()
-    best = dict.fromkeys(passes, float("inf"))
-    for _ in range(repeats):
-        for name, run in passes.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            best[name] = min(best[name], (time.perf_counter() - start) / steps)
-    return best
 
 
 def main() -> None:

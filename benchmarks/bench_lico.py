@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
+from timing import best_seconds_in_turn  # noqa: E402
 
 from datamodules.shapes import ShapesDataModule  # noqa: E402
 from xvlm.methods import LICO, CLIPFineTune  # noqa: E402
@@ -37,17 +37,6 @@ def training_step(module, batch: dict) -> Callable[[], None]:
         optimizer.step()
 
     return step
-
-
-def best_seconds(step: Callable[[], None], steps: int, repeats: int) -> float:
-    step()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best
 
 
 def main() -> None:
@@ -80,7 +69,7 @@ def main() -> None:
         module = build()
         module.attach_task(data.task)
         module.train()
-        seconds = best_seconds(training_step(module, batch), args.steps, args.repeats)
+        seconds = best_seconds_in_turn({name: training_step(module, batch)}, args.steps, args.repeats)[name]
         baseline = baseline or seconds
         print(f"| {name} | {seconds:.3f} | {args.batch_size / seconds:.0f} | {baseline / seconds:.2f} |")
 
