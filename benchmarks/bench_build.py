@@ -45,31 +45,36 @@ class Variant:
     negatives: str
 
 
+SHIPPED = RECIPES["xvlm-tiny"]
+
 VARIANTS = (
     Variant("earlier recipe", False, True, 128, 400, "seen"),
     Variant("+ channels-last stem", True, True, 128, 400, "seen"),
     Variant("+ no augmentation", True, False, 128, 400, "seen"),
     Variant("+ 800 steps of 64", True, False, 64, 800, "seen"),
-    Variant("+ negatives='batch' (the shipped recipe)", True, RECIPES["xvlm-tiny"].augment,
-            RECIPES["xvlm-tiny"].batch_size, RECIPES["xvlm-tiny"].steps, RECIPES["xvlm-tiny"].negatives),
+    Variant("+ negatives='batch' (the shipped recipe)", True, SHIPPED.augment, SHIPPED.batch_size, SHIPPED.steps,
+            SHIPPED.negatives),
 )
+
+
+def in_layout(stem: nn.Sequential, channels_last: bool) -> nn.Sequential:
+    """``stem`` as built (channels-last), or the same layers as a plain NCHW stack (the earlier stem)."""
+    return stem if channels_last else nn.Sequential(*stem).to(memory_format=torch.contiguous_format)
 
 
 def build_step(variant: Variant, steps: int, repeats: int) -> Callable[[], None]:
     """One build step (next batch of a loader, loss, backward, AdamW) of ``xvlm-tiny`` set up as ``variant``."""
-    recipe = RECIPES["xvlm-tiny"]
     torch.manual_seed(0)
-    data = ShapesDataModule(task="attributes", image_size=recipe.image_size, batch_size=variant.batch_size,
+    data = ShapesDataModule(task="attributes", image_size=SHIPPED.image_size, batch_size=variant.batch_size,
                             train_size=variant.batch_size * (steps * repeats + 1), augment=variant.augment)
     data.setup("fit")
-    module = CLIPFineTune(model="xvlm-tiny", pretrained=None, input_size=recipe.image_size,
+    module = CLIPFineTune(model="xvlm-tiny", pretrained=None, input_size=SHIPPED.image_size,
                           templates=CAPTION_TEMPLATES, negatives=variant.negatives)
     module.attach_task(data.task)
     module.train()
     visual = module.backbone.clip.visual
-    if not variant.channels_last:
-        visual.conv1 = nn.Sequential(*visual.conv1).to(memory_format=torch.contiguous_format)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    visual.conv1 = in_layout(visual.conv1, variant.channels_last)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=SHIPPED.lr, weight_decay=SHIPPED.weight_decay)
     batches = iter(data.train_dataloader())
 
     def step() -> None:
@@ -82,12 +87,10 @@ def build_step(variant: Variant, steps: int, repeats: int) -> Callable[[], None]
 
 def stem_pass(channels_last: bool, batch_size: int) -> Callable[[], None]:
     """Forward and backward of ``xvlm-tiny``'s conv stem on one batch, in the given memory format."""
-    recipe = RECIPES["xvlm-tiny"]
     torch.manual_seed(0)
-    stem = CLIPFineTune(model="xvlm-tiny", pretrained=None, input_size=recipe.image_size).backbone.clip.visual.conv1
-    if not channels_last:
-        stem = nn.Sequential(*stem).to(memory_format=torch.contiguous_format)
-    images = torch.randn(batch_size, 3, recipe.image_size, recipe.image_size)
+    built = CLIPFineTune(model="xvlm-tiny", pretrained=None, input_size=SHIPPED.image_size)
+    stem = in_layout(built.backbone.clip.visual.conv1, channels_last)
+    images = torch.randn(batch_size, 3, SHIPPED.image_size, SHIPPED.image_size)
     return lambda: stem(images).sum().backward()
 
 
@@ -98,7 +101,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"xvlm-tiny build steps at {RECIPES['xvlm-tiny'].image_size} px, {args.threads} threads")
+    print(f"xvlm-tiny build steps at {SHIPPED.image_size} px, {args.threads} threads")
     print("| variant | batch | steps | s/step | images/s | build s | ratio to the earlier recipe |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     step = best_seconds_in_turn({v.name: build_step(v, args.steps, args.repeats) for v in VARIANTS}, args.steps,
