@@ -18,9 +18,11 @@ train: $(STAMP)
 	$(BIN)/xvlm fit --config configs/demo.yaml --ckpt_path last
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)

@@ -20,9 +20,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
+from open_clip.constants import OPENAI_DATASET_MEAN as CLIP_MEAN  # noqa: E402  (the pixel statistics of CLIP)
+from open_clip.constants import OPENAI_DATASET_STD as CLIP_STD  # noqa: E402
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_GREY = 128
 """Fill of the image area that a shift or shrink uncovers (the mask gets 0 there)."""
 CIFAR_SIZE = 32

@@ -110,3 +110,14 @@ def test_freeze_policies(freeze, image_trains, text_trains):
     assert params["logit_scale"].requires_grad == (freeze != "all")
     with pytest.raises(ValueError, match="freeze='some'"):
         model.set_freeze("some")
+
+
+def test_every_weight_has_one_name_and_legacy_text_aliases_still_load(tiny_vit):
+    state = tiny_vit.state_dict()
+    assert not any(key.startswith("text.") for key in state)
+    assert "clip.token_embedding.weight" in state
+    legacy = {**state, **{"text." + key[len("clip."):]: value for key, value in state.items()
+                          if key.startswith("clip.") and not key.startswith("clip.visual.")}}
+    fresh = VisionLanguageModel("xvlm-tiny", pretrained=None)
+    fresh.load_state_dict(legacy)  # strict: the aliases are dropped, every real weight is loaded
+    assert torch.equal(fresh.text.token_embedding.weight, tiny_vit.text.token_embedding.weight)

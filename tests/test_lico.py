@@ -182,8 +182,9 @@ def test_timm_encoder_uses_its_channels_as_tokens_and_has_no_zero_shot_encoder(s
     assert (module.num_tokens, module.token_dim) == (512, 4)  # 64 px / stride 32 = 2x2 map
     assert module.zero_shot_encoder() is None
     module.losses(first_batch(shapes))["loss"].backward()
-    assert module.timm_encoder.model.conv1.weight.grad.abs().sum() > 0
-    assert all(not p.requires_grad for p in module.backbone.parameters())
+    assert module.backbone.image_tower.model.conv1.weight.grad.abs().sum() > 0
+    text_tower = [p for name, p in module.backbone.clip.named_parameters() if not name.startswith("logit_")]
+    assert text_tower and all(not p.requires_grad for p in text_tower)
 
 
 def test_bad_options_are_named():

@@ -3,8 +3,9 @@
 Construction has one factory with explicit precedence for ``pretrained``:
 
 1. ``None`` — random initialisation;
-2. a name in :data:`LOCAL_SOURCES` (``"shapes"``) — a backbone this project builds itself; it is cached under
-   ``checkpoints/backbones/`` and built on first use;
+2. a name in :data:`LOCAL_SOURCES` — a backbone this project provides itself; a module registers a resolver
+   ``model_name -> weights file`` with :func:`register_source` (``xvlm.shapes_pretraining`` registers
+   ``"shapes"``, which builds and caches its backbones under ``checkpoints/backbones/``);
 3. a path to an existing file — an open_clip state dict, loaded with ``weights_only=True``;
 4. anything else — an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``, ...), downloaded by open_clip.
 
@@ -12,6 +13,37 @@ Architectures are open_clip JSON configs. The project registers its own from ``x
 listed in :data:`CONV_STEMS` gets its ViT patch embedding replaced by a small convolutional stem (hybrid ViT,
 Xiao et al. 2021, "Early convolutions help transformers see better") of the same total stride, which is what
 lets a four-layer ViT tell shapes apart on 64-px images.
+
+The image tower is open_clip's (``image_encoder='clip'``) or a timm model (``image_encoder='timm:<name>'``,
+:class:`TimmFeatures`); with a timm tower the CLIP image tower is dropped, the text tower stays, and the image
+features are not aligned with text (:attr:`VisionLanguageModel.text_aligned_images`).
+
+**ViT stepper.** Methods get inside an open_clip ViT through two calls, for any depth and width:
+
+- :meth:`~VisionLanguageModel.embed_patches`: ``[B, 3, H, W] -> [B, N, W]`` patch embeddings (the ``conv1``
+  output, ``N = h·w``), before the class token and the position embeddings;
+- :meth:`~VisionLanguageModel.run_blocks`: ``x_0 = ln_pre(dropout_p([c; t] + P))`` with the class token ``c``,
+  the patch tokens ``t`` and the position embeddings ``P`` (resized bicubically to the token grid as open_clip's
+  ``resize_pos_embed`` does at load time, class position untouched), then ``x_l = block_l(x_{l-1})``. It returns
+  the requested blocks' outputs ``[B, 1+N, W]``, optionally their head-averaged attention ``[B, 1+N, 1+N]`` taken
+  from the same pass, and the pooled, projected feature that ``encode_image`` computes.
+
+**Block adapters.** :meth:`~VisionLanguageModel.add_block_adapters` turns every visual block into an
+:class:`AdaptedResidualAttentionBlock` (the instance's class is swapped; its parameters and their state-dict keys
+stay as they are) that adds parallel modules to the two residual branches::
+
+    x <- x + ls_1(MHSA(ln_1(x))) + A_att(x)
+    x <- x + ls_2(MLP(ln_2(x)))  + A_mlp(x)
+
+so they act in open_clip's own forward (``encode_image``, ``forward_intermediates``) and in the stepper alike.
+Their parameters live at ``clip.visual.transformer.resblocks.{i}.adapter_attn`` / ``adapter_mlp`` and stay
+trainable under every ``freeze`` setting. Deliberate choices, which differ from some published adapters:
+an adapter reads the branch input ``x`` before the LayerNorm, carries its own scale (there is no separate scaling
+factor), and is initialised by its factory (zero-initialised output layers leave the tower's function unchanged).
+
+Deviations of the stepper from open_clip's forward: a block whose attention is requested runs its attention
+unfused (``softmax(QKᵀ/√d)`` in float32, then ``V`` and ``out_proj``), which differs from the fused kernel by
+rounding only; with patch dropout active (training), ``N`` is the number of kept tokens.
 """
 
 from __future__ import annotations
@@ -21,11 +53,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -33,23 +66,28 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 Freeze = Literal["none", "image", "text", "all"]
 
+#: Per-channel mean and standard deviation of the pixels CLIP towers were trained on (open_clip's constants).
+CLIP_MEAN: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN
+CLIP_STD: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD
+
 #: ViT configs whose patch embedding is a convolutional stem: output channels of each stride-2 stage. The
 #: number of stages is ``log2(patch_size)``, so the stem yields the config's patch grid.
 CONV_STEMS: dict[str, tuple[int, ...]] = {
     "xvlm-tiny": (32, 64, 128),
 }
 
-
-def _shapes_source(model_name: str) -> str:
-    from xvlm.shapes_pretraining import shapes_backbone_path
-
-    return str(shapes_backbone_path(model_name))
+#: Pretrained sources this project provides itself: name -> resolver(model_name) returning a local weights file.
+#: Filled by :func:`register_source`.
+LOCAL_SOURCES: dict[str, Callable[[str], str | Path]] = {}
 
 
-#: Pretrained sources this project provides itself: name -> function(model_name) returning a local weights file.
-LOCAL_SOURCES: dict[str, Callable[[str], str]] = {
-    "shapes": _shapes_source,
-}
+def register_source(name: str, resolver: Callable[[str], str | Path]) -> None:
+    """Make ``pretrained=name`` resolve to ``resolver(model_name)``, a local open_clip weights file.
+
+    A later registration of the same name replaces the earlier resolver. Sources take precedence over files and
+    open_clip tags (module docstring).
+    """
+    LOCAL_SOURCES[name] = resolver
 
 
 def _conv_bn_gelu(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
@@ -107,7 +145,7 @@ def _resolve_pretrained(model: str, pretrained: str | None) -> tuple[str | None,
     if pretrained is None:
         return None, None
     if pretrained in LOCAL_SOURCES:
-        return LOCAL_SOURCES[pretrained](model), None
+        return str(LOCAL_SOURCES[pretrained](model)), None
     if Path(pretrained).is_file():
         return pretrained, None
     tags = open_clip.list_pretrained_tags_by_model(model)
@@ -117,7 +155,8 @@ def _resolve_pretrained(model: str, pretrained: str | None) -> tuple[str | None,
     what = f"file '{pretrained}' does not exist" if looks_like_path else f"'{pretrained}' is not a known source"
     raise ValueError(
         f"pretrained={pretrained!r} for model '{model}': {what}. Use an existing weights file, one of the "
-        f"project's sources {sorted(LOCAL_SOURCES)}, or an open_clip tag for this model: {tags or 'none'}."
+        f"registered sources {sorted(LOCAL_SOURCES)} (see register_source; the module that registers a source "
+        f"must be imported first), or an open_clip tag for this model: {tags or 'none'}."
     )
 
 
@@ -154,24 +193,178 @@ class ImageTokens:
 
     Attributes:
         patches: one ``[B, N, W]`` tensor per requested layer (``N = h * w`` patch tokens, tower width ``W``).
-        cls: one ``[B, W]`` class token per requested layer (``None`` for towers without one).
+        cls: one ``[B, W]`` class token per requested layer.
         grid: ``(h, w)`` of the patch grid.
     """
 
     patches: list[torch.Tensor]
-    cls: list[torch.Tensor] | None
+    cls: list[torch.Tensor]
     grid: tuple[int, int]
 
 
+@dataclass
+class PatchTokens:
+    """Patch embeddings of a ViT before the class token and the position embeddings.
+
+    Attributes:
+        tokens: ``[B, N, W]`` with ``N = h * w`` in row-major grid order.
+        grid: ``(h, w)`` of the patch grid.
+    """
+
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+
+
+@dataclass
+class BlockOutputs:
+    """What :meth:`VisionLanguageModel.run_blocks` returns.
+
+    Attributes:
+        tokens: one ``[B, 1+N, W]`` block output per requested block (class token first).
+        attention: one ``[B, 1+N, 1+N]`` head-averaged post-softmax attention (float32, rows sum to 1) per
+            requested block, or ``None`` when not asked for.
+        pooled: ``[B, D]`` projected image feature, as ``encode_image`` computes it.
+        layers: the requested block indices (non-negative, ascending), matching ``tokens`` and ``attention``.
+        grid: ``(h, w)`` of the patch grid.
+    """
+
+    tokens: list[torch.Tensor]
+    attention: list[torch.Tensor] | None
+    pooled: torch.Tensor
+    layers: tuple[int, ...]
+    grid: tuple[int, int]
+
+
+class TimmFeatures(nn.Module):
+    """A timm model's last feature map, ``[B, 3, H, W] -> [B, N, h, w]`` (``forward_features``).
+
+    Args:
+        name: timm model name (``resnet18``, ``wide_resnet50_2``, ... or the CIFAR ``wrn28_2``/``wrn28_8`` of
+            :mod:`xvlm.wide_resnet`).
+        weights: ``None`` (random), ``"hub"`` (timm's pretrained weights, downloaded) or a local checkpoint file.
+        kwargs: extra ``timm.create_model`` arguments (e.g. ``output_stride: 8`` for larger maps on small images).
+    """
+
+    def __init__(self, name: str, weights: str | None = None, kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        import timm
+
+        import xvlm.wide_resnet  # noqa: F401  (registers the CIFAR wide ResNets with timm)
+
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
+            raise ValueError(f"image_encoder='timm:{name}': timm has no model '{name}'. Similar names: {close}")
+        options = dict(kwargs or {})
+        if weights == "hub":
+            options["pretrained"] = True
+        elif weights is not None:
+            options["checkpoint_path"] = weights
+        self.name = name
+        self.model = timm.create_model(name, num_classes=0, global_pool="", **options)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(images)
+
+
+def _residual_branches(block: ResidualAttentionBlock, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """Finish a block from its input ``x`` and ``attended = MHSA(ln_1(x))``, adding the adapters if it has them.
+
+    ``y = x + ls_1(attended) + A_att(x)``, then ``y + ls_2(MLP(ln_2(y))) + A_mlp(y)``; all ``[B, L, W]``.
+    """
+    adapter_attn, adapter_mlp = getattr(block, "adapter_attn", None), getattr(block, "adapter_mlp", None)
+    y = x + block.ls_1(attended)
+    if adapter_attn is not None:
+        y = y + adapter_attn(x)
+    out = y + block.ls_2(block.mlp(block.ln_2(y)))
+    if adapter_mlp is not None:
+        out = out + adapter_mlp(y)
+    return out
+
+
+class AdaptedResidualAttentionBlock(ResidualAttentionBlock):
+    """open_clip's self-attention block with parallel adapters on its residual branches (module docstring).
+
+    Not constructed directly: :meth:`adapt` swaps the class of an existing block and registers the adapters
+    ``adapter_attn`` and ``adapter_mlp`` (either may be ``None``), so the block's own parameters keep their
+    names. The forward keeps open_clip's fused attention; ``k_x`` and ``v_x`` are ignored, as open_clip's block
+    ignores them without cross-attention.
+    """
+
+    adapter_attn: nn.Module | None
+    adapter_mlp: nn.Module | None
+
+    @classmethod
+    def adapt(cls, block: ResidualAttentionBlock, attn: nn.Module | None, mlp: nn.Module | None) -> None:
+        """Turn ``block`` into an adapted block in place, with adapters ``[B, L, W] -> [B, L, W]``."""
+        block.__class__ = cls
+        block.register_module("adapter_attn", attn)
+        block.register_module("adapter_mlp", mlp)
+
+    def forward(
+        self,
+        q_x: torch.Tensor,
+        k_x: torch.Tensor | None = None,
+        v_x: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return _residual_branches(self, q_x, self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
+
+
+def _attend_with_weights(block: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``block`` on ``x [B, L, W]`` with explicit attention; return ``(output [B, L, W], A [B, L, L])``.
+
+    ``A = mean_heads softmax(Q Kᵀ / √d_head)`` (float32) with ``[Q, K, V] = ln_1(x) W_inᵀ + b_in``; the block's
+    attention branch is ``out_proj(A_h V)`` with the per-head maps ``A_h``, i.e. what the fused path computes.
+    """
+    attn = block.attn
+    batch, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    weights = (q @ k.transpose(-2, -1) * (width // heads) ** -0.5).softmax(dim=-1, dtype=torch.float32)
+    attended = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(batch, length, width)
+    return _residual_branches(block, x, attn.out_proj(attended)), weights.mean(dim=1)
+
+
+def _resized_positions(visual: VisionTransformer, grid: tuple[int, int]) -> torch.Tensor:
+    """Position embeddings ``[1 + h·w, W]`` for a ``grid = (h, w)`` token grid.
+
+    The patch positions are resized from the tower's grid with antialiased bicubic interpolation in float32,
+    as open_clip's ``resize_pos_embed`` does when it loads a checkpoint at another size; the class position is
+    kept.
+    """
+    positions = visual.positional_embedding
+    old = tuple(visual.grid_size)
+    if tuple(grid) == old:
+        return positions
+    with torch.autocast(positions.device.type, enabled=False):
+        patch = positions[1:].reshape(1, *old, -1).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    return torch.cat([positions[:1], patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
+
+
+def _drop_text_alias_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-time hook: drop the ``text.*`` copies of ``clip.*`` weights that state dicts written before the text tower
+    became a property hold, so those checkpoints still load strictly."""
+    for key in [k for k in state_dict if k.startswith(prefix + "text.")]:
+        del state_dict[key]
+
+
 class VisionLanguageModel(nn.Module):
-    """An open_clip model with the encoders every xvlm method needs.
+    """An open_clip model (or an open_clip text tower with a timm image tower) with the encoders xvlm methods need.
 
     Args:
         model: open_clip architecture name (``ViT-B-16``, ``RN50``, ``xvlm-tiny``, ...).
-        pretrained: weights source, resolved as in the module docstring.
-        freeze: which tower stays fixed: ``none``, ``image``, ``text`` or ``all``.
+        pretrained: weights source of ``model``, resolved as in the module docstring.
+        freeze: which tower stays fixed: ``none``, ``image`` (the image tower in use), ``text`` or ``all`` (both
+            and the logit scale). Block adapters always train.
         image_size: input side in pixels; defaults to the architecture's (positional embeddings of loaded
-            weights are interpolated by open_clip).
+            weights are interpolated by open_clip). With a timm tower, the side it is used at (default: the
+            size in timm's pretrained config).
+        image_encoder: ``clip`` (the image tower of ``model``) or ``timm:<name>`` (:class:`TimmFeatures`; the
+            CLIP image tower is then dropped).
+        encoder_weights: weights of a timm tower: ``None``, ``hub`` or a local file.
+        encoder_kwargs: extra ``timm.create_model`` arguments of a timm tower.
     """
 
     def __init__(
@@ -180,18 +373,52 @@ class VisionLanguageModel(nn.Module):
         pretrained: str | None = "shapes",
         freeze: Freeze = "none",
         image_size: int | None = None,
+        image_encoder: str = "clip",
+        encoder_weights: str | None = None,
+        encoder_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        uses_clip_tower = image_encoder == "clip"
+        if not uses_clip_tower and not image_encoder.startswith("timm:"):
+            raise ValueError(f"image_encoder={image_encoder!r}: use 'clip' or 'timm:<model name>'")
+        if uses_clip_tower and (encoder_weights is not None or encoder_kwargs):
+            raise ValueError("encoder_weights and encoder_kwargs configure a timm image encoder; "
+                             "image_encoder='clip' takes its weights from pretrained")
         self.model_name = model
-        self.clip = create_clip(model, pretrained, image_size)
+        self.image_encoder = image_encoder
+        self.clip = create_clip(model, pretrained, image_size if uses_clip_tower else None)
+        self.timm_encoder: TimmFeatures | None = None
+        if not uses_clip_tower:
+            self.clip.visual = None  # the text tower stays; the CLIP image tower is not used
+            self.timm_encoder = TimmFeatures(image_encoder.removeprefix("timm:"), encoder_weights, encoder_kwargs)
+            self._timm_image_size = image_size
         self.tokenizer = open_clip.get_tokenizer(model)
-        self.text = getattr(self.clip, "text", self.clip)
         if not hasattr(self.text, "token_embedding"):
             raise ValueError(f"model '{model}' has no token-embedding text tower; soft prompts are not supported")
+        self.register_load_state_dict_pre_hook(_drop_text_alias_keys)
         self.set_freeze(freeze)
 
     @property
+    def text(self) -> nn.Module:
+        """The text tower: ``clip.text`` (open_clip's custom-text models) or the CLIP model itself, whose text parts
+        are top-level attributes. A property, not a submodule, so every weight has one name in the state dict."""
+        return getattr(self.clip, "text", self.clip)
+
+    @property
+    def image_tower(self) -> nn.Module:
+        """The image tower in use: open_clip's ``clip.visual`` or the :class:`TimmFeatures`."""
+        return self.clip.visual if self.timm_encoder is None else self.timm_encoder
+
+    @property
+    def text_aligned_images(self) -> bool:
+        """Whether image features live in the text's joint space (the CLIP tower) or not (a timm tower)."""
+        return self.timm_encoder is None
+
+    @property
     def image_size(self) -> int:
+        """Input side in pixels (a timm tower without ``image_size``: its pretrained config's, else a ValueError)."""
+        if self.timm_encoder is not None:
+            return self._timm_image_size or _timm_input_side(self.timm_encoder)
         size = self.clip.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
@@ -208,27 +435,48 @@ class VisionLanguageModel(nn.Module):
         return self.clip.logit_scale
 
     def set_freeze(self, freeze: Freeze) -> None:
-        """Set ``requires_grad`` so that the towers named by ``freeze`` stay fixed (logit scale is frozen by ``all``)."""
+        """Set ``requires_grad`` so that the towers named by ``freeze`` stay fixed (logit scale is frozen by ``all``).
+
+        Block adapters (:meth:`add_block_adapters`) stay trainable whatever ``freeze`` is.
+        """
         if freeze not in ("none", "image", "text", "all"):
             raise ValueError(f"freeze={freeze!r}: choose one of none, image, text, all")
         self.freeze = freeze
-        self.clip.requires_grad_(True)
+        self.requires_grad_(True)
         if freeze in ("image", "all"):
-            self.clip.visual.requires_grad_(False)
+            self.image_tower.requires_grad_(False)
         if freeze in ("text", "all"):
             for name, param in self.clip.named_parameters():
                 if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias"):
                     param.requires_grad_(False)
         if freeze == "all":
             self.clip.logit_scale.requires_grad_(False)
+        for param in self.adapter_parameters():
+            param.requires_grad_(True)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids ``[T, L]`` (``L`` = the model's context length) on the model's device."""
         return self.tokenizer(list(texts)).to(self.text.token_embedding.weight.device)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """``[B, 3, H, W] -> [B, D]`` projected image features (unit norm when ``normalize``)."""
+        """``[B, 3, H, W] -> [B, D]`` projected image features (unit norm when ``normalize``); CLIP tower only."""
+        if self.timm_encoder is not None:
+            raise ValueError(f"encode_image needs the CLIP image tower; this model uses image_encoder="
+                             f"{self.image_encoder!r}, whose features are not aligned with text (use feature_maps)")
         return self.clip.encode_image(images, normalize=normalize)
+
+    def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Image feature maps ``[B, 3, H, W] -> [B, C, h, w]``.
+
+        timm tower: ``forward_features``. CLIP ViT: the last block's patch tokens in the joint space,
+        ``ln_post(x) @ proj`` (not normalised), laid out as ``[B, D, h, w]``.
+        """
+        if self.timm_encoder is not None:
+            return self.timm_encoder(images)
+        self._vit("feature_maps")
+        out = self.run_blocks(self.embed_patches(images), layers=1)
+        projected = self.project_tokens(out.tokens[-1][:, 1:], normalize=False)
+        return projected.transpose(1, 2).unflatten(2, out.grid)
 
     @property
     def pools_causal_eot(self) -> bool:
@@ -282,8 +530,80 @@ class VisionLanguageModel(nn.Module):
         x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return F.normalize(x, dim=-1) if normalize else x
 
+    # ----------------------------------------------------------------- ViT stepper
+    def _vit(self, what: str) -> VisionTransformer:
+        """The open_clip ViT image tower, or a ValueError naming what ``what`` needs and what the model has."""
+        if self.timm_encoder is not None:
+            raise ValueError(f"{what} needs an open_clip ViT image tower; model '{self.model_name}' uses the timm "
+                             f"encoder image_encoder={self.image_encoder!r}")
+        visual = self.clip.visual
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(f"{what} needs an open_clip ViT image tower; model '{self.model_name}' has a "
+                             f"{type(visual).__name__}")
+        blocks = visual.transformer.resblocks
+        if not all(isinstance(block, ResidualAttentionBlock) for block in blocks):
+            raise ValueError(f"{what} needs open_clip's default ResidualAttentionBlock; model '{self.model_name}' "
+                             f"has {type(blocks[0]).__name__} blocks")
+        return visual
+
+    def embed_patches(self, images: torch.Tensor) -> PatchTokens:
+        """Patch embeddings ``[B, 3, H, W] -> [B, N, W]`` (``conv1``, ``N = h·w`` row-major) and the grid ``(h, w)``.
+
+        Nothing else is added yet: :meth:`run_blocks` prepends the class token and adds the positions.
+        """
+        maps = self._vit("embed_patches").conv1(images)
+        return PatchTokens(tokens=maps.flatten(2).transpose(1, 2), grid=(int(maps.shape[-2]), int(maps.shape[-1])))
+
+    def run_blocks(
+        self,
+        patches: PatchTokens,
+        *,
+        attention: bool = False,
+        layers: int | Sequence[int] | None = None,
+        normalize: bool = True,
+    ) -> BlockOutputs:
+        """Run the visual transformer on patch embeddings, keeping the requested blocks' tokens (and attention).
+
+        ``x_0 = ln_pre(patch_dropout([c; t] + P))`` with ``t = patches.tokens [B, N, W]``, the class token ``c`` and
+        the position embeddings ``P`` resized to ``patches.grid`` if it differs from the tower's; then every block
+        runs (all of them, for ``pooled``). A block whose attention is requested runs unfused and returns
+        ``mean_heads softmax(Q Kᵀ / √d_head)`` from the same pass; the others run open_clip's own forward.
+
+        Args:
+            patches: output of :meth:`embed_patches` (its tokens may be edited, the grid must hold ``N`` tokens).
+            attention: also return the requested blocks' head-averaged attention ``[B, 1+N, 1+N]``.
+            layers: last ``n`` blocks if an int, these block indices (negative count from the end) if a sequence,
+                all blocks if ``None``.
+            normalize: unit-normalise ``pooled``, as ``encode_image(images, normalize=True)`` does.
+
+        Returns:
+            :class:`BlockOutputs`; ``pooled [B, D]`` equals ``encode_image`` of the images ``patches`` came from.
+        """
+        visual = self._vit("run_blocks")
+        blocks = visual.transformer.resblocks
+        wanted = _block_indices(layers, len(blocks))
+        tokens, grid = patches.tokens, tuple(patches.grid)
+        if tokens.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"run_blocks got {tokens.shape[1]} patch tokens for a {grid[0]}x{grid[1]} grid")
+        x = torch.cat([visual.class_embedding.to(tokens.dtype).expand(len(tokens), 1, -1), tokens], dim=1)
+        x = visual.ln_pre(visual.patch_dropout(x + _resized_positions(visual, grid).to(x.dtype)))
+        outputs, maps = [], []
+        for index, block in enumerate(blocks):
+            if attention and index in wanted:
+                x, weights = _attend_with_weights(block, x)
+                maps.append(weights)
+            else:
+                x = block(x)
+            if index in wanted:
+                outputs.append(x)
+        pooled, _ = visual._pool(x)  # ln_post, global or attentional pooling: encode_image's own code
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return BlockOutputs(tokens=outputs, attention=maps if attention else None,
+                            pooled=F.normalize(pooled, dim=-1) if normalize else pooled, layers=wanted, grid=grid)
+
     def encode_image_tokens(self, images: torch.Tensor, layers: int | Sequence[int] | None = None) -> ImageTokens:
-        """Intermediate patch tokens from ``forward_intermediates``.
+        """Intermediate patch and class tokens of a ViT tower (:meth:`run_blocks`).
 
         Args:
             images: ``[B, 3, H, W]``.
@@ -291,26 +611,82 @@ class VisionLanguageModel(nn.Module):
 
         Returns:
             :class:`ImageTokens` with ``[B, N, W]`` patch tokens (before ``ln_post`` and the projection; see
-            :meth:`project_tokens`) and ``[B, W]`` class tokens per layer.
+            :meth:`project_tokens`) and ``[B, W]`` class tokens per layer, in block order.
         """
-        visual = self.clip.visual
-        indices = list(layers) if isinstance(layers, Sequence) else layers
-        out = visual.forward_intermediates(
-            images, indices=indices, intermediates_only=True, output_fmt="NCHW", output_extra_tokens=True
-        )
-        maps = out["image_intermediates"]
-        grid = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
-        patches = [m.flatten(2).transpose(1, 2) for m in maps]
-        prefix = out.get("image_intermediates_prefix")
-        cls = [p[:, 0] for p in prefix] if prefix is not None else None
-        return ImageTokens(patches=patches, cls=cls, grid=grid)
+        out = self.run_blocks(self.embed_patches(images), layers=layers)
+        return ImageTokens(patches=[t[:, 1:] for t in out.tokens], cls=[t[:, 0] for t in out.tokens], grid=out.grid)
 
     def project_tokens(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Map ViT tokens ``[..., W]`` into the joint space: ``ln_post(x) @ proj`` -> ``[..., D]``."""
-        visual = self.clip.visual
-        if not hasattr(visual, "ln_post"):
-            raise ValueError(f"project_tokens needs a ViT image tower; '{self.model_name}' has {type(visual).__name__}")
+        visual = self._vit("project_tokens")
         x = visual.ln_post(tokens)
         if visual.proj is not None:
             x = x @ visual.proj
         return F.normalize(x, dim=-1) if normalize else x
+
+    # ----------------------------------------------------------------- block adapters
+    def add_block_adapters(
+        self,
+        attn: Callable[[int], nn.Module] | None = None,
+        mlp: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        """Add parallel adapters to the residual branches of every visual block (module docstring).
+
+        ``x <- x + ls_1(MHSA(ln_1 x)) + A_att(x)``, then ``x <- x + ls_2(MLP(ln_2 x)) + A_mlp(x)``.
+
+        Args:
+            attn: factory ``width -> module [B, L, W] -> [B, L, W]`` of ``A_att`` (one call per block), or ``None``.
+            mlp: the same for ``A_mlp``.
+
+        The adapters are placed on the tower's device and dtype and stay trainable under every ``freeze``; their
+        parameters are :meth:`adapter_parameters`. A tower takes adapters once.
+        """
+        visual = self._vit("add_block_adapters")
+        if attn is None and mlp is None:
+            raise ValueError("add_block_adapters needs an attn or an mlp factory")
+        if any(isinstance(block, AdaptedResidualAttentionBlock) for block in visual.transformer.resblocks):
+            raise ValueError(f"model '{self.model_name}' already has block adapters; add them once")
+        width = visual.transformer.width
+        reference = visual.class_embedding
+        for block in visual.transformer.resblocks:
+            made = [None if factory is None else factory(width).to(device=reference.device, dtype=reference.dtype)
+                    for factory in (attn, mlp)]
+            AdaptedResidualAttentionBlock.adapt(block, *made)
+        self.set_freeze(self.freeze)
+
+    def adapter_modules(self) -> Iterator[nn.Module]:
+        """The block adapters of the image tower, block by block (attention branch first)."""
+        visual = self.clip.visual
+        if not isinstance(visual, VisionTransformer):
+            return
+        for block in visual.transformer.resblocks:
+            if isinstance(block, AdaptedResidualAttentionBlock):
+                yield from (m for m in (block.adapter_attn, block.adapter_mlp) if m is not None)
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the block adapters (e.g. for their own learning rate); none before adapters are added."""
+        for module in self.adapter_modules():
+            yield from module.parameters()
+
+
+def _block_indices(layers: int | Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    """Non-negative ascending block indices of ``layers`` (see :meth:`VisionLanguageModel.run_blocks`)."""
+    if layers is None:
+        return tuple(range(depth))
+    if isinstance(layers, int):
+        if not 1 <= layers <= depth:
+            raise ValueError(f"layers={layers}: the image tower has depth {depth}; ask for the last 1..{depth} blocks")
+        return tuple(range(depth - layers, depth))
+    outside = [index for index in layers if not -depth <= index < depth]
+    if outside:
+        raise ValueError(f"layers={list(layers)}: blocks {outside} are outside the image tower's depth {depth} "
+                         f"(indices -{depth}..{depth - 1})")
+    return tuple(sorted({index % depth for index in layers}))
+
+
+def _timm_input_side(encoder: TimmFeatures) -> int:
+    """The input side in timm's pretrained config of ``encoder``; a ValueError if it names none."""
+    config = getattr(encoder.model, "pretrained_cfg", None) or {}
+    if "input_size" not in config:
+        raise ValueError(f"image_encoder='timm:{encoder.name}' names no input size; pass image_size")
+    return int(config["input_size"][-1])

@@ -1,6 +1,7 @@
 """The tiny pretrained backbones: CLIP pretraining on captions of **seen** Shapes classes only.
 
-``pretrained='shapes'`` resolves to ``<checkpoint_dir>/backbones/<model>-shapes.pt`` and builds it on first use
+``pretrained='shapes'`` (registered here with :func:`xvlm.backbones.register_source` when the ``xvlm`` package is
+imported, so that ``backbones`` needs no import of a method) resolves to ``<checkpoint_dir>/backbones/<model>-shapes.pt`` and builds it on first use
 by running :class:`~xvlm.methods.clip.CLIPFineTune` from random initialisation on the ``attributes`` task
 (unseen colour–pattern–shape combinations never appear), then caches it atomically together with a JSON report
 of its zero-shot accuracy. Unseen-class accuracy of the result measures real compositional transfer: every
@@ -23,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from xvlm.backbones import register_source
 from xvlm.checkpointing import capture_rng_state, restore_rng_state
 
 CAPTION_TEMPLATES = (
@@ -86,6 +88,9 @@ def shapes_backbone_path(model_name: str) -> Path:
         # variable) must not leak into the modules of the build.
         contextvars.Context().run(build_shapes_backbone, model_name, path, RECIPES[model_name])
     return path
+
+
+register_source("shapes", shapes_backbone_path)
 
 
 def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
@@ -156,10 +161,10 @@ def zero_shot_report(module, datamodule) -> dict:
     metric = GZSLMetrics(task.num_classes, task.seen, task.unseen)
     unseen = torch.as_tensor(task.unseen)
     factors = torch.as_tensor(np.asarray(datamodule.world.factors))
-    module.on_validation_epoch_start()  # caches the class text features zero_shot_logits uses
+    module.on_validation_epoch_start()  # caches the class text features classify uses
     hits = {name: [] for name in PRIMITIVES}
     for batch in datamodule.val_dataloader():
-        logits = module.zero_shot_logits(batch["image"].to(module.device)).cpu()
+        logits = module.classify(batch["image"].to(module.device)).cpu()
         metric.update(logits, batch["label"])
         is_unseen = torch.isin(batch["label"], unseen)
         predicted = unseen[logits[is_unseen][:, unseen].argmax(dim=1)]

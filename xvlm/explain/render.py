@@ -44,7 +44,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from datamodules.transforms import CLIP_MEAN, CLIP_STD
+from xvlm.backbones import CLIP_MEAN, CLIP_STD
 
 MAP_SUFFIX = "_maps"
 NAME_SUFFIX = "_names"

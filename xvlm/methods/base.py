@@ -1,14 +1,21 @@
-"""Behaviour every xvlm ``LightningModule`` shares.
+"""The template every xvlm method fills in: the parts a method shares live here once.
 
-- Builds a :class:`~xvlm.backbones.VisionLanguageModel` from flat, CLI-visible arguments; ``init_weights`` starts
-  from another run's or open_clip's weights without taking over that run's settings (``ckpt_path`` is for
-  resuming the same run only).
-- Reads the datamodule's :class:`~datamodules.task.Task` in ``setup``.
-- Validation/test: zero-shot logits of every class from its prompt(s), scored with :class:`GZSLMetrics`
-  (``val/S``, ``val/U``, ``val/H``, ``val/zsl``, ``val/seen_top1``).
-- Checkpoints record the module class (a checkpoint of another class is refused) and the RNG states (resumed
-  runs continue the same random stream).
-- AdamW (or SGD) without weight decay on gains, biases and embeddings; linear warm-up then cosine decay.
+- **Backbone**: builds a :class:`~xvlm.backbones.VisionLanguageModel` from flat, CLI-visible arguments (open_clip
+  architecture and weights, or a timm image tower with ``image_encoder='timm:<name>'``). Methods never
+  re-declare these arguments; they take their own and pass ``**kwargs`` on.
+- **Task**: ``setup`` reads the datamodule's :class:`~datamodules.task.Task` and calls :meth:`XVLMModule.attach_task`,
+  which builds the metrics, then the method's task-dependent parts (:meth:`XVLMModule.build_task_parts`, the hook a
+  method overrides), then loads ``init_weights`` once, so the weights land in parts that exist.
+- **One evaluation path**: validation, test, predict and saliency all score :meth:`XVLMModule.classify`
+  (``[B, C]`` logits over the task's classes). The default is the zero-shot head ``τ · f(x) g(T)ᵀ`` against the
+  class prompts; a method with its own classifier overrides ``classify``. :class:`~xvlm.metrics.GZSLMetrics`
+  gives ``val/S``, ``val/U``, ``val/H``, ``val/zsl``, ``val/seen_top1``. A closed-set classifier
+  (``classifies_unseen = False``) is scored on images of seen classes only and also logs ``val/acc``.
+- **Optimisation**: AdamW (or SGD) without weight decay on gains, biases and embeddings; the parts a method adds
+  (heads, prompts, adapters) may get their own learning rate ``head_lr``; linear warm-up then cosine decay.
+- **Checkpoints** record the module class (a checkpoint of another class is refused) and the RNG states (resumed
+  runs continue the same random stream). ``init_weights`` starts from another run's or open_clip's weights without
+  taking over that run's settings (``ckpt_path`` is for resuming the same run only).
 """
 
 from __future__ import annotations
@@ -41,20 +48,31 @@ class XVLMModule(L.LightningModule):
     """Base class of the methods; see the module docstring.
 
     Args:
-        model: open_clip architecture name.
-        pretrained: weights source (see :mod:`xvlm.backbones`).
+        model: open_clip architecture name (its text tower always; its image tower with ``image_encoder='clip'``).
+        pretrained: weights source of ``model`` (see :mod:`xvlm.backbones`).
         freeze: tower(s) kept fixed: none, image, text, all.
         input_size: image side the backbone takes (positional embeddings are resized); ``None`` keeps the
             architecture's. Named apart from the datamodule's ``image_size``, whose value Lightning would
             otherwise have to merge with this one in the logged hyper-parameters.
-        init_weights: checkpoint or state dict whose matching tensors initialise this module.
+        image_encoder: ``clip`` (the image tower of ``model``) or ``timm:<name>`` (a timm model's feature maps;
+            not text-aligned, so no zero-shot scoring).
+        encoder_weights: weights of a timm image encoder: ``None``, ``hub`` or a local file.
+        encoder_kwargs: extra ``timm.create_model`` arguments.
+        init_weights: checkpoint or state dict whose matching tensors initialise this module (loaded once the
+            method's task-dependent parts exist).
         templates: prompt templates for class names; class text features average over them.
-        lr: peak learning rate.
+        lr: peak learning rate of the backbone's own weights.
+        head_lr: peak learning rate of the parts the method adds (heads, prompts, adapters, temperatures);
+            ``None`` uses ``lr``.
         weight_decay: weight decay (matrices only).
+        warmup_steps: linear warm-up steps before cosine decay.
         optimizer: ``adamw`` or ``sgd`` (Nesterov-free SGD with ``momentum``, the recipe of CNN classifiers).
         momentum: SGD momentum.
-        warmup_steps: linear warm-up steps before cosine decay.
     """
+
+    #: Whether :meth:`classify` scores unseen classes (zero-shot heads do; a classifier over seen classes does not,
+    #: and is then evaluated on images of seen classes only).
+    classifies_unseen: bool = True
 
     def __init__(
         self,
@@ -62,46 +80,66 @@ class XVLMModule(L.LightningModule):
         pretrained: str | None = "shapes",
         freeze: Freeze = "none",
         input_size: int | None = None,
+        image_encoder: str = "clip",
+        encoder_weights: str | None = None,
+        encoder_kwargs: dict[str, Any] | None = None,
         init_weights: str | None = None,
         templates: Sequence[str] = DEFAULT_TEMPLATES,
         lr: float = 1e-4,
+        head_lr: float | None = None,
         weight_decay: float = 0.1,
         warmup_steps: int = 50,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         momentum: float = 0.9,
     ) -> None:
         super().__init__()
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer={optimizer!r}: choose 'adamw' or 'sgd'")
         self.save_hyperparameters()
-        self.backbone = VisionLanguageModel(model, pretrained, freeze, input_size)
-        if init_weights is not None:
-            load_weights(self, init_weights)
+        self.backbone = VisionLanguageModel(model, pretrained, freeze, input_size, image_encoder=image_encoder,
+                                            encoder_weights=encoder_weights, encoder_kwargs=encoder_kwargs)
         self.templates = tuple(templates)
         self.task: Task | None = None
         self.val_metrics: GZSLMetrics | None = None
         self.test_metrics: GZSLMetrics | None = None
         self._class_text: torch.Tensor | None = None
+        self._init_weights_loaded = False
 
     @property
     def input_side(self) -> int:
         """Side in pixels of the images the module takes (``input_size``, else the backbone's)."""
         return self.hparams.input_size or self.backbone.image_size
 
-    # ----------------------------------------------------------------- contracts
-    def zero_shot_encoder(self) -> VisionLanguageModel:
-        """The image and text towers as they are now (contract 3 of DESIGN.md)."""
-        return self.backbone
+    # ----------------------------------------------------------------- contracts (xvlm.contracts.ExplainableModule)
+    def zero_shot_encoder(self) -> VisionLanguageModel | None:
+        """The image and text towers as they are now (contract 3 of DESIGN.md), or ``None`` when the image tower is
+        not text-aligned (a timm encoder): LaZSL then skips the module."""
+        return self.backbone if self.backbone.text_aligned_images else None
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits ``[B, C]`` of images ``[B, 3, H, W]`` over the task's classes (what saliency is scored on).
+        """Class logits ``[B, C]`` of images ``[B, 3, H, W]`` over the task's classes: the one evaluation path
+        (validation, test, predict, saliency metrics).
 
         Here the zero-shot logits ``τ · f(x) g(T)ᵀ`` against every class prompt; a method with its own classifier
-        head overrides this. Differentiable, so saliency methods can back-propagate through it.
+        head overrides this. Differentiable in the images, so saliency methods can back-propagate through it.
         """
         return self.backbone.logit_scale.exp() * self.backbone.encode_image(images) @ self._text_for_scoring().T
 
     def _text_for_scoring(self) -> torch.Tensor:
-        """The class text features cached for this evaluation epoch, or freshly encoded outside one ``[C, D]``."""
-        return self._class_text if self._class_text is not None else self.class_text_features()
+        """Class text features ``[C, D]``, encoded once per evaluation epoch without gradients.
+
+        They are made outside inference mode, so that saliency methods may back-propagate through
+        :meth:`classify` to the images after validation. The cache is dropped when an epoch starts.
+        """
+        if self._class_text is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._class_text = self.class_text_features()
+        return self._class_text
+
+    def _drop_class_text(self) -> None:
+        self._class_text = None
+
+    on_train_epoch_start = on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = _drop_class_text
 
     def explain(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Patch–class similarity map of the predicted class (contract 4).
@@ -132,22 +170,35 @@ class XVLMModule(L.LightningModule):
         self.attach_task(task)
 
     def attach_task(self, task: Task) -> None:
-        """Take ``task``'s label space: class names for prompts, the GZSL metrics of its seen/unseen split and the
-        buffers ``seen_classes [C_seen]`` and ``seen_position [C]`` (a class's index among the seen ones, or −1).
+        """Take ``task``'s label space, then build the method's parts for it and load ``init_weights`` (once).
 
-        ``setup`` calls it with the datamodule's task; call it directly to use a module without a ``Trainer``
-        (``xvlm explain``). A method that builds task-dependent parts overrides this (calling ``super()``) rather
-        than ``setup``, so that they exist before a checkpoint's weights are loaded either way.
+        Sets the GZSL metrics of the task's seen/unseen split (unseen classes only when :attr:`classifies_unseen`)
+        and the buffers ``seen_classes [C_seen]`` and ``seen_position [C]`` (a class's index among the seen ones,
+        or −1), calls :meth:`build_task_parts`, and loads ``init_weights`` the first time. ``setup`` calls it with
+        the datamodule's task; call it directly to use a module without a ``Trainer`` (``xvlm explain``), so that
+        the task-dependent parts exist before a checkpoint's weights are loaded either way.
         """
         self.task = task
-        self.val_metrics = GZSLMetrics(task.num_classes, task.seen, task.unseen)
-        self.test_metrics = GZSLMetrics(task.num_classes, task.seen, task.unseen)
+        unseen = task.unseen if self.classifies_unseen else ()
+        self.val_metrics = GZSLMetrics(task.num_classes, task.seen, unseen)
+        self.test_metrics = GZSLMetrics(task.num_classes, task.seen, unseen)
         device = self.backbone.logit_scale.device
         seen = torch.as_tensor(task.seen, dtype=torch.long, device=device)
         position = torch.full((task.num_classes,), -1, dtype=torch.long, device=device)
         position[seen] = torch.arange(len(seen), device=device)
         self.register_buffer("seen_classes", seen, persistent=False)
         self.register_buffer("seen_position", position, persistent=False)
+        self.build_task_parts(task)
+        if self.hparams.init_weights is not None and not self._init_weights_loaded:
+            load_weights(self, self.hparams.init_weights)
+            self._init_weights_loaded = True
+
+    def build_task_parts(self, task: Task) -> None:
+        """Hook: build the parts whose shape depends on the task (heads over its classes, prompts of its names).
+
+        Called by :meth:`attach_task` every time a task is attached; build once and check that a later task fits.
+        Parts built here are on the backbone's device and get ``head_lr``. The base has none.
+        """
 
     def seen_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Position ``[B]`` of each label among the task's seen classes (the target over seen-class outputs).
@@ -175,21 +226,26 @@ class XVLMModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.val_metrics.reset()
 
-    def on_validation_epoch_start(self) -> None:
-        with torch.no_grad():
-            self._class_text = self.class_text_features()
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, C]`` cosine logits against the cached class text features."""
-        return self.backbone.encode_image(images) @ self._class_text.T
+    def _evaluate(self, batch: dict[str, Any], metric: GZSLMetrics, prefix: str) -> None:
+        """Score ``classify`` on the batch into ``metric``; a closed-set classifier drops unseen-class images and
+        logs ``<prefix>/acc``, the top-1 over the seen-class images of the epoch."""
+        images, labels = batch["image"], batch["label"]
+        if not self.classifies_unseen:
+            keep = torch.isin(labels, self.seen_classes)
+            images, labels = images[keep], labels[keep]
+            if len(labels) == 0:
+                return
+        logits = self.classify(images)
+        metric.update(logits, labels)
+        if not self.classifies_unseen:
+            self.log(f"{prefix}/acc", (logits.argmax(dim=1) == labels).float().mean(), batch_size=len(labels),
+                     prog_bar=True, sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.val_metrics.update(self.zero_shot_logits(batch["image"]), batch["label"])
+        self._evaluate(batch, self.val_metrics, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.test_metrics.update(self.zero_shot_logits(batch["image"]), batch["label"])
+        self._evaluate(batch, self.test_metrics, "test")
 
     def _log_metrics(self, metric: GZSLMetrics, prefix: str) -> None:
         values = {f"{prefix}/{k}": v for k, v in metric.compute().items()}
@@ -203,22 +259,27 @@ class XVLMModule(L.LightningModule):
         self._log_metrics(self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        if self._class_text is None:
-            self.on_validation_epoch_start()
-        logits = self.zero_shot_logits(batch["image"])
+        logits = self.classify(batch["image"])
         return {"index": batch["index"], "prediction": logits.argmax(dim=1), "logits": logits}
 
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The trainable parameters in two optimiser groups: matrices with weight decay, the rest without."""
-        decay, no_decay = [], []
+        """The trainable parameters in optimiser groups: matrices with weight decay, the rest (gains, biases,
+        embeddings, temperatures) without; with ``head_lr`` set, each split again into the backbone's own weights
+        (``lr``) and the parts the method added (``head_lr``: heads, prompts, adapters)."""
+        head_lr = self.hparams.head_lr
+        adapters = {id(p) for p in self.backbone.adapter_parameters()}
+        own = {id(p) for p in self.backbone.parameters()} - adapters
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             is_gain = param.ndim < 2 or "embedding" in name or "logit_scale" in name
-            (no_decay if is_gain else decay).append(param)
-        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+            is_added = head_lr is not None and id(param) not in own
+            groups.setdefault((is_gain, is_added), []).append(param)
+        return [{"params": params, "weight_decay": 0.0 if is_gain else self.hparams.weight_decay,
+                 **({"lr": head_lr} if is_added else {})}
+                for (is_gain, is_added), params in sorted(groups.items())]
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.parameter_groups()

@@ -34,6 +34,9 @@ class CLIPFineTune(XVLMModule):
 
     def __init__(self, symmetric: bool = True, negatives: Literal["seen", "batch"] = "seen", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not self.backbone.text_aligned_images:
+            raise ValueError(f"CLIPFineTune trains the CLIP image tower contrastively; image_encoder="
+                             f"{self.hparams.image_encoder!r} has no text-aligned embedding: use image_encoder='clip'")
         if negatives not in ("seen", "batch"):
             raise ValueError(f"negatives={negatives!r}: choose 'seen' (every seen class) or 'batch'")
         self.symmetric = symmetric

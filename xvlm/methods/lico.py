@@ -19,16 +19,22 @@ visual tokens ``[N, d']``.
   computed without gradient (:func:`optimal_transport_loss`).
 
 Inference uses no text: :meth:`LICO.classify` is the classifier; :meth:`LICO.explain` returns Grad-CAM (or
-Grad-CAM++) maps of the predicted class on ``F``. The image encoder is the CLIP image tower of ``model``
-(``image_encoder='clip'``; ``F`` is its last block's patch tokens projected into the joint space and laid out as
-``[B, D, h, w]``, so ``N = D`` and ``d' = h·w``) or a timm model (``image_encoder='timm:<name>'``; ``F`` is
-``forward_features``). With the CLIP tower, :meth:`zero_shot_encoder` returns the fine-tuned towers for LaZSL;
-with a timm encoder there is no text-aligned image embedding and it returns ``None`` (LaZSL then skips).
+Grad-CAM++) maps of the predicted class on ``F``. ``F`` is the backbone's
+:meth:`~xvlm.backbones.VisionLanguageModel.feature_maps`: with the CLIP image tower of ``model``
+(``image_encoder='clip'``) its last block's patch tokens projected into the joint space and laid out as
+``[B, D, h, w]``, so ``N = D`` and ``d' = h·w``; with a timm model (``image_encoder='timm:<name>'``, a base
+argument) ``forward_features``. With the CLIP tower, :meth:`zero_shot_encoder` returns the fine-tuned towers for
+LaZSL; with a timm encoder there is no text-aligned image embedding and it returns ``None`` (LaZSL then skips).
+Everything else LICO shares with every method (backbone arguments, evaluation, optimiser groups with ``head_lr``
+for LICO's own parts, ``init_weights``) comes from :class:`~xvlm.methods.base.XVLMModule`; the base defaults
+(``xvlm-tiny`` Shapes backbone, AdamW) apply unless a config gives the paper's recipe (``configs/lico/``: SGD at
+lr 0.1, ViT-B-32 text tower).
 
 Deviations from the reference code (ymLeiFDU/LICO) and from the letter of the paper, all deliberate:
 
 1. The OT plan is detached, the cost is not: the reference computes L_OT under ``no_grad``, so it trains nothing.
-2. The CLIP text tower is frozen and outside the optimiser (the reference trains it with SGD at lr 0.1).
+2. The CLIP text tower is frozen and outside the optimiser (the reference trains it with SGD at lr 0.1), whatever
+   ``freeze`` says (``freeze='image'`` or ``'all'`` also fix the image encoder).
 3. Variant ``k`` rolls the context by ``k`` (the reference rolls every variant by 1, so all are identical).
 4. ``softmax(−κ·distance)`` with a clamped, exp-parametrised scale (the reference uses ``+distance`` and a raw
    divisor), over the other samples of the batch: the paper's softmax over all ``j`` includes ``j = i``,
@@ -55,11 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.task import Task
-from xvlm.backbones import VisionLanguageModel
-from xvlm.checkpointing import load_weights
 from xvlm.explain.saliency import grad_cam, grad_cam_plus_plus
 from xvlm.methods.base import XVLMModule
-from xvlm.metrics import GZSLMetrics
 from xvlm.ot import sinkhorn
 from xvlm.prompts import SoftPrompts
 
@@ -117,43 +120,10 @@ def optimal_transport_loss(visual: torch.Tensor, language: torch.Tensor, eps: fl
     return (plan * cost).sum(dim=(1, 2)).mean(), plan
 
 
-class TimmFeatures(nn.Module):
-    """A timm model's last feature map, ``[B, 3, H, W] -> [B, N, h, w]`` (``forward_features``).
-
-    Args:
-        name: timm model name (``resnet18``, ``wide_resnet50_2``, ... or the CIFAR ``wrn28_2``/``wrn28_8`` of
-            :mod:`xvlm.wide_resnet`).
-        weights: ``None`` (random), ``"hub"`` (timm's pretrained weights, downloaded) or a local checkpoint file.
-        kwargs: extra ``timm.create_model`` arguments (e.g. ``output_stride: 8`` for larger maps on small images).
-    """
-
-    def __init__(self, name: str, weights: str | None = None, kwargs: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        import timm
-
-        import xvlm.wide_resnet  # noqa: F401  (registers the CIFAR wide ResNets with timm)
-
-        if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
-            raise ValueError(f"image_encoder='timm:{name}': timm has no model '{name}'. Similar names: {close}")
-        options = dict(kwargs or {})
-        if weights == "hub":
-            options["pretrained"] = True
-        elif weights is not None:
-            options["checkpoint_path"] = weights
-        self.model = timm.create_model(name, num_classes=0, global_pool="", **options)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(images)
-
-
 class LICO(XVLMModule):
     """LICO fine-tuning (see the module docstring for the losses and the deviations from the reference).
 
     Args:
-        image_encoder: ``clip`` (the image tower of ``model``) or ``timm:<name>``.
-        encoder_weights: weights of a timm encoder: ``None``, ``hub`` or a local file.
-        encoder_kwargs: extra ``timm.create_model`` arguments.
         lambda_ce: weight of the cross-entropy.
         alpha: weight of ``L_MM`` (0 turns it off).
         beta: weight of ``L_OT`` (0 turns it off; with ``alpha = 0`` too, the text side is never run: the CE
@@ -167,20 +137,15 @@ class LICO(XVLMModule):
         ot_max_iter: most Sinkhorn iterations.
         ot_tol: Sinkhorn tolerance on the row marginals.
         saliency: ``gradcam`` or ``gradcam++`` for :meth:`explain`.
-        head_lr: learning rate of the parts LICO adds (classifier head, ``h_ψ``, context vectors, ``s``); None
-            uses ``lr``. A pretrained encoder usually wants ``lr`` well below ``head_lr``.
-        model: open_clip architecture whose text tower encodes the prompts (and whose image tower is the encoder
-            with ``image_encoder='clip'``).
-        pretrained: weights of ``model`` (see :mod:`xvlm.backbones`).
-        input_size: image side; required for a timm encoder (it fixes ``d' = h·w``).
-        init_weights, lr, weight_decay, warmup_steps, optimizer, momentum: as in :class:`XVLMModule`.
+        **kwargs: :class:`XVLMModule` arguments (``model`` is the open_clip model whose text tower encodes the
+            prompts; ``image_encoder``, ``input_size`` — required for a timm encoder, it fixes ``d' = h·w`` —,
+            ``head_lr`` for LICO's own parts, optimiser, ``init_weights``).
     """
+
+    classifies_unseen = False
 
     def __init__(
         self,
-        image_encoder: str = "clip",
-        encoder_weights: str | None = None,
-        encoder_kwargs: dict[str, Any] | None = None,
         lambda_ce: float = 1.0,
         alpha: float = 10.0,
         beta: float = 1.0,
@@ -193,30 +158,15 @@ class LICO(XVLMModule):
         ot_max_iter: int = 100,
         ot_tol: float = 1e-3,
         saliency: Literal["gradcam", "gradcam++"] = "gradcam",
-        head_lr: float | None = None,
-        model: str = "ViT-B-32",
-        pretrained: str | None = "openai",
-        input_size: int | None = None,
-        init_weights: str | None = None,
-        lr: float = 0.1,
-        weight_decay: float = 5e-4,
-        warmup_steps: int = 0,
-        optimizer: Literal["adamw", "sgd"] = "sgd",
-        momentum: float = 0.9,
+        **kwargs: Any,
     ) -> None:
-        uses_clip_tower = image_encoder == "clip"
-        if not uses_clip_tower and not image_encoder.startswith("timm:"):
-            raise ValueError(f"image_encoder={image_encoder!r}: use 'clip' or 'timm:<model name>'")
-        if not uses_clip_tower and input_size is None:
-            raise ValueError(f"LICO(image_encoder={image_encoder!r}) needs input_size (the image side it is trained "
-                             "at), which fixes the feature-map size d' = h*w")
         if saliency not in SALIENCY:
             raise ValueError(f"saliency={saliency!r}: choose one of {sorted(SALIENCY)}")
-        super().__init__(model=model, pretrained=pretrained, freeze="text" if uses_clip_tower else "all",
-                         input_size=input_size, init_weights=None, lr=lr, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps, optimizer=optimizer, momentum=momentum)
-        self.timm_encoder = None if uses_clip_tower else TimmFeatures(image_encoder[5:], encoder_weights,
-                                                                      encoder_kwargs)
+        super().__init__(**kwargs)
+        if not self.backbone.text_aligned_images and self.hparams.input_size is None:
+            raise ValueError(f"LICO(image_encoder={self.hparams.image_encoder!r}) needs input_size (the image side it "
+                             "is trained at), which fixes the feature-map size d' = h*w")
+        self.backbone.set_freeze("all" if self.hparams.freeze in ("image", "all") else "text")
         side = self.input_side
         with torch.no_grad():
             channels, height, width = self.feature_maps(torch.zeros(1, 3, side, side)).shape[1:]
@@ -229,30 +179,21 @@ class LICO(XVLMModule):
         self.head: nn.Linear | None = None
 
     # ----------------------------------------------------------------- task-dependent parts
-    def attach_task(self, task: Task) -> None:
+    def build_task_parts(self, task: Task) -> None:
         """Build the prompts and the classifier head over ``task``'s seen classes (once; checkpoints load after)."""
-        super().attach_task(task)
-        self.val_metrics = GZSLMetrics(task.num_classes, task.seen, ())
-        self.test_metrics = GZSLMetrics(task.num_classes, task.seen, ())
         if self.head is None:
             self.head = nn.Linear(self.num_tokens, len(task.seen))
             self.prompts = SoftPrompts(self.backbone, task.class_names, self.hparams.n_ctx,
                                        self.hparams.class_specific_ctx)
             self.to(self.backbone.logit_scale.device)
-            if self.hparams.init_weights is not None:  # loaded once the task-dependent parts exist
-                load_weights(self, self.hparams.init_weights)
         elif self.head.out_features != len(task.seen):
             raise ValueError(f"LICO was built for {self.head.out_features} seen classes; {task.source} has "
                              f"{len(task.seen)}")
 
     # ----------------------------------------------------------------- image side
     def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """The visual tokens as maps ``F [B, N, h, w]`` (see the module docstring for each encoder)."""
-        if self.timm_encoder is not None:
-            return self.timm_encoder(images)
-        tokens = self.backbone.encode_image_tokens(images, layers=1)
-        projected = self.backbone.project_tokens(tokens.patches[-1], normalize=False)
-        return projected.transpose(1, 2).unflatten(2, tokens.grid)
+        """The visual tokens as maps ``F [B, N, h, w]`` (the backbone's image tower, see the module docstring)."""
+        return self.backbone.feature_maps(images)
 
     def seen_logits(self, maps: torch.Tensor) -> torch.Tensor:
         """Classifier logits ``[B, C_seen]`` of ``W · GAP(F) + b``."""
@@ -267,10 +208,6 @@ class LICO(XVLMModule):
         logits = seen_logits.new_full((len(seen_logits), self.task.num_classes), -math.inf)
         return logits.index_copy(1, self.seen_classes, seen_logits)
 
-    def zero_shot_encoder(self) -> VisionLanguageModel | None:
-        """The fine-tuned CLIP towers, or ``None`` with a timm encoder (no text-aligned image embedding)."""
-        return self.backbone if self.timm_encoder is None else None
-
     # ----------------------------------------------------------------- language side
     def language_tokens(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(G [B, M, d'], text [B, M, E])``: mapped and raw variant features of each sample's class.
@@ -282,21 +219,6 @@ class LICO(XVLMModule):
         return self.mapper(text), text
 
     # ----------------------------------------------------------------- training
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """The base groups, each split into encoder parameters (``lr``) and LICO's own parts (``head_lr``)."""
-        head_lr = self.hparams.head_lr
-        if head_lr is None:
-            return super().parameter_groups()
-        encoder = {id(p) for p in self.backbone.parameters()}
-        if self.timm_encoder is not None:
-            encoder |= {id(p) for p in self.timm_encoder.parameters()}
-        groups = []
-        for group in super().parameter_groups():
-            added = [p for p in group["params"] if id(p) not in encoder]
-            kept = [p for p in group["params"] if id(p) in encoder]
-            groups += [{**group, "params": kept}, {**group, "params": added, "lr": head_lr}]
-        return [group for group in groups if group["params"]]
-
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``ce``, ``mm``, ``ot`` and their weighted sum ``loss`` of one batch (``mm``/``ot`` only when weighted)."""
         hp = self.hparams
@@ -326,35 +248,7 @@ class LICO(XVLMModule):
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True)
         return out["loss"]
 
-    # ----------------------------------------------------------------- evaluation
-    def on_validation_epoch_start(self) -> None:
-        """Nothing to cache: the classifier uses no text."""
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def _seen_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = torch.isin(batch["label"], self.seen_classes)
-        return batch["image"][keep], batch["label"][keep]
-
-    def _evaluate(self, batch: dict[str, Any], metric: GZSLMetrics, prefix: str) -> None:
-        images, labels = self._seen_batch(batch)
-        if len(labels) == 0:
-            return
-        logits = self.classify(images)
-        metric.update(logits, labels)
-        self.log(f"{prefix}/acc", (logits.argmax(dim=1) == labels).float().mean(), batch_size=len(labels),
-                 prog_bar=True)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self.classify(batch["image"])
-        return {"index": batch["index"], "prediction": logits.argmax(dim=1), "logits": logits}
-
+    # ----------------------------------------------------------------- explanation
     def explain(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Grad-CAM (or Grad-CAM++) of the predicted class on ``F``: ``saliency [B, H, W]``, ``predicted [B]``
         (task class indices), ``logits [B, C]``.

@@ -1,6 +1,8 @@
 """The ``xvlm`` command: a thin ``LightningCLI`` subclass that only wires things.
 
-``xvlm fit|validate|test|predict --config configs/<method>/<dataset>.yaml [--run NAME]``
+``xvlm fit|validate|test|predict --config configs/<method>/<dataset>.yaml [--run NAME]``; ``xvlm explain ...``
+(:mod:`xvlm.cli.explain`). The CLI is the top layer: it may import methods, callbacks and datamodules; nothing
+below imports it.
 
 - Every run has a name (``--run``); its checkpoints go to ``<checkpoint_dir>/<run>/`` (a fixed folder, so
   ``--ckpt_path last`` always finds the run's ``last.ckpt``) and its CSV/TensorBoard logs to
@@ -31,7 +33,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger  # noqa: E402
 
 from xvlm.checkpointing import check_checkpoint_class  # noqa: E402
-from xvlm.explain.command import explain_command  # noqa: E402
+from xvlm.cli.explain import explain_command  # noqa: E402
 from xvlm.methods import XVLMModule  # noqa: E402
 
 TRAINER_DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": "auto", "log_every_n_steps": 10}
@@ -131,7 +133,7 @@ class XVLMCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``xvlm`` console script; ``xvlm explain ...`` runs :mod:`xvlm.explain.command`."""
+    """Entry point of the ``xvlm`` console script; ``xvlm explain ...`` runs :mod:`xvlm.cli.explain`."""
     argv = sys.argv[1:] if args is None else list(args)
     cli = partial(
         XVLMCLI,

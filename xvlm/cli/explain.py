@@ -30,6 +30,7 @@ from xvlm.checkpointing import check_checkpoint_class, class_path
 from xvlm.explain.gallery import first_samples, render_batch, sample_names
 from xvlm.explain.render import save_figure
 from xvlm.methods.base import XVLMModule
+from xvlm.zeroshot import lazsl_settings_of
 from xvlm.zeroshot.regions import lazsl_explainer
 
 STAGES = {"images": "predict", "val": "validate", "test": "test"}
@@ -49,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_images", type=int, default=8, help="Samples of --split to explain (default 8).")
     parser.add_argument("--out", required=True, help="Folder of the PNG files.")
     parser.add_argument("--lazsl", action="store_true",
-                        help="Explain with LaZSL on the module's zero-shot towers: per-descriptor region heat maps.")
+                        help="Explain with LaZSL on the module's zero-shot towers: per-descriptor region heat maps, "
+                             "with the settings of the config's LaZSL callback (defaults without one).")
     return parser
 
 
@@ -117,10 +119,10 @@ def explain_command(argv: Sequence[str], build_cli: Callable[..., LightningCLI])
 
     model.to(cli.trainer.strategy.root_device)
     out = Path(args.out)
+    explainer = lazsl_explainer(model, lazsl_settings_of(cli.trainer.callbacks)) if args.lazsl else None
     for start in range(0, len(names), CHUNK):
         part = {key: value[start : start + CHUNK] for key, value in batch.items()}
         part_names = names[start : start + CHUNK]
-        explainer = lazsl_explainer(model) if args.lazsl else None
         for name, figure in zip(part_names, render_batch(model, part, part_names, explainer)):
             save_figure(figure, out / f"{name}.png")
     print(out)

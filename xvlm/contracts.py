@@ -1,0 +1,49 @@
+"""What callbacks, rendering and ``xvlm explain`` may rely on in a method: a ``typing.Protocol``, not an import.
+
+``xvlm.explain`` and ``xvlm.zeroshot`` are typed against :class:`ExplainableModule` and import no method
+(``pyproject.toml`` declares the rule; ``lint-imports`` checks it). Every
+:class:`~xvlm.methods.base.XVLMModule` satisfies it; so does any ``LightningModule`` that provides these members,
+which is what lets a method from outside the package use the LaZSL callback, the gallery and the saliency metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from datamodules.task import Task
+from xvlm.backbones import VisionLanguageModel
+
+
+@runtime_checkable
+class ExplainableModule(Protocol):
+    """The members of a method that the evaluation and explanation code uses (contracts 1, 3 and 4 of DESIGN.md).
+
+    Attributes:
+        task: the label space the module was attached to (``None`` before ``setup``).
+        device: where the module's parameters live.
+    """
+
+    task: Task | None
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable class logits ``[B, C]`` of images ``[B, 3, H, W]`` over the task's classes."""
+        ...
+
+    def explain(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Named maps of a batch: at least ``saliency [B, H, W]``, ``predicted [B]`` and ``logits [B, C]``."""
+        ...
+
+    def zero_shot_encoder(self) -> VisionLanguageModel | None:
+        """The image and text towers as they are now, or ``None`` when the image side is not text-aligned."""
+        ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def eval(self) -> nn.Module: ...
