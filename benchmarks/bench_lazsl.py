@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from xvlm.backbones import VisionLanguageModel  # noqa: E402
-from xvlm.zeroshot import image_seeds, lazsl_scores, make_views, vision_selection  # noqa: E402
+from xvlm.zeroshot import LaZSLSettings, image_seeds, lazsl_scores, make_views, vision_selection  # noqa: E402
 
 THETA, EPS, TOL, MAX_ITER = 0.8, 0.1, 1e-6, 100
 
@@ -91,8 +91,8 @@ def bench_scoring(shapes: list[tuple[int, int, int, int]], d: int, repeats: int)
         crops, glob, desc, mask = random_problem(b, c, n, m, d)
         keep = vision_selection(crops, glob)
         per_class = [q[k] for q, k in zip(desc, mask)]
-        fast, out = timed(lambda: lazsl_scores(crops, glob, desc, mask, theta=THETA, eps=EPS, tol=TOL,
-                                               max_iter=MAX_ITER, return_plans=False), repeats)
+        settings = LaZSLSettings(theta=THETA, eps=EPS, tol=TOL, max_iter=MAX_ITER)
+        fast, out = timed(lambda: lazsl_scores(crops, glob, desc, mask, settings, return_plans=False), repeats)
         slow, ref = timed(lambda: reference_scores(crops, glob, per_class, keep), repeats)
         loose = reference_scores(crops, glob, per_class, keep, stop="reference")
         diff = float((out.scores - ref).abs().max())

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from datamodules import ShapesDataModule  # noqa: E402
 from xvlm.backbones import VisionLanguageModel  # noqa: E402
 from xvlm.metrics.saliency import mass_in_mask, uniform_mass_in_mask  # noqa: E402
+from xvlm.zeroshot import LaZSLSettings  # noqa: E402
 from xvlm.zeroshot.regions import explain_lazsl  # noqa: E402
 
 CACHED_SHAPES = Path(__file__).resolve().parents[1] / "checkpoints" / "backbones" / "xvlm-tiny-shapes.pt"
@@ -49,7 +50,8 @@ def measure(encoder: VisionLanguageModel, images: int, n_crops: int) -> dict[str
     with torch.no_grad():
         for label, normalise in (("top descriptor, coverage-normalised", True), ("top descriptor, raw sum", False)):
             explanation = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, batch["label"],
-                                        n_crops=n_crops, normalise_by_coverage=normalise)
+                                        settings=LaZSLSettings(n_crops=n_crops),
+                                        normalise_by_coverage=normalise)
             rows[label] = float(mass_in_mask(top_descriptor_maps(explanation), batch["mask"]).mean())
     rows["uniform map (mask area)"] = float(uniform_mass_in_mask(batch["mask"]).mean())
     return rows

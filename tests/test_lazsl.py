@@ -17,6 +17,7 @@ from datamodules.transforms import CLIP_MEAN, CLIP_STD
 from xvlm.methods import CLIPFineTune
 from xvlm.zeroshot import (
     LaZSL,
+    LaZSLSettings,
     descriptor_sentence,
     descriptor_sentences,
     image_seeds,
@@ -67,7 +68,8 @@ def _direct_loop(crops, glob, desc, mask, theta, eps, select):
 @pytest.mark.parametrize("theta, eps", [(0.8, 0.1), (0.5, 0.02)])
 def test_scores_match_a_direct_loop(select, theta, eps):
     crops, glob, desc, mask = _features(3, 4, 6, 5)
-    out = lazsl_scores(crops, glob, desc, mask, theta=theta, eps=eps, select_crops=select, max_iter=10_000)
+    settings = LaZSLSettings(theta=theta, eps=eps, select_crops=select, max_iter=10_000)
+    out = lazsl_scores(crops, glob, desc, mask, settings)
     scores, dclip = _direct_loop(crops, glob, desc, mask, theta, eps, select)
     torch.testing.assert_close(out.scores, scores, atol=1e-6, rtol=0)
     torch.testing.assert_close(out.dclip_scores, dclip, atol=1e-12, rtol=0)
@@ -75,7 +77,7 @@ def test_scores_match_a_direct_loop(select, theta, eps):
 
 def test_score_is_global_dclip_plus_transported_crop_similarity():
     crops, glob, desc, mask = _features(4, 5, 7, 6, seed=1)
-    out = lazsl_scores(crops, glob, desc, mask, theta=0.7)
+    out = lazsl_scores(crops, glob, desc, mask, LaZSLSettings(theta=0.7))
     similarity = torch.einsum("bnd,cmd->bcnm", F.normalize(crops, dim=-1), F.normalize(desc, dim=-1))
     expected = 0.3 * out.dclip_scores + 0.7 * (out.plans * similarity).sum(dim=(-2, -1))
     torch.testing.assert_close(out.scores, expected, atol=1e-6, rtol=0)

@@ -1,16 +1,11 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from datamodules import ShapesDataModule
 from xvlm.backbones import VisionLanguageModel
-from xvlm.zeroshot import lazsl_scores
-from xvlm.zeroshot.regions import (
-    crop_weights,
-    descriptor_contributions,
-    descriptor_heatmaps,
-    explain_lazsl,
-    hybrid_similarity,
-)
+from xvlm.zeroshot import LaZSLSettings, descriptor_contributions, hybrid_similarity, lazsl_scores
+from xvlm.zeroshot.regions import crop_weights, descriptor_heatmaps, explain_lazsl
 
 
 def _features(b=3, c=5, n=6, m=4, d=16, seed=0):
@@ -35,7 +30,8 @@ def test_contributions_sum_to_the_lazsl_score_of_the_explained_class():
     out = lazsl_scores(crops, glob, desc, mask)
     explained = torch.tensor([4, 0, 2])
     rows = torch.arange(3)
-    hybrid = hybrid_similarity(crops, glob, desc[explained], theta=0.8)
+    unit = [F.normalize(t, dim=-1) for t in (crops, glob, desc[explained])]
+    hybrid = hybrid_similarity(*unit, theta=0.8)
     contributions = descriptor_contributions(out.plans[rows, explained], hybrid)
     torch.testing.assert_close(contributions.sum(-1), out.scores[rows, explained], atol=1e-5, rtol=0)
     assert (contributions[~mask[explained]] == 0).all()
@@ -80,8 +76,10 @@ def shapes_explanation():
     batch = next(iter(datamodule.val_dataloader()))
     encoder = VisionLanguageModel("xvlm-tiny", pretrained=None, image_size=32).eval()
     with torch.no_grad():
-        explanation = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, n_crops=5)
-        chosen = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, batch["label"], n_crops=5)
+        settings = LaZSLSettings(n_crops=5)
+        explanation = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, settings=settings)
+        chosen = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, batch["label"],
+                               settings=settings)
     return datamodule.task, batch, explanation, chosen
 
 

@@ -1,21 +1,37 @@
-"""Learnable soft prompts (CoOp, Zhou et al. 2022) encoded by a frozen or trainable CLIP text tower.
+"""Text prompts: learnable soft prompts (CoOp, Zhou et al. 2022) and descriptor sentences (DCLIP), one builder
+each for LaZSL, LICO and ECOR.
 
-A prompt of class ``c`` is the token sequence ``[SOS] X₁ … X_n {name_c} . [EOS]``: the ``n`` context vectors
-``X [n, W]`` replace the embeddings of ``n`` placeholder words, the class name and the full stop keep their
-word embeddings, and the sequence goes through the text transformer, ``ln_final`` and the text projection
-(:meth:`~xvlm.backbones.VisionLanguageModel.encode_prompt_embeddings`). The context is shared by all classes,
-or one context per class (``class_specific``). Only the token ids of the classes are stored; their word
+A soft prompt of class ``c`` is the token sequence ``[SOS] X₁ … X_n {name_c} . [EOS]``: the ``n`` context vectors
+``X [n, W]`` replace the embeddings of ``n`` placeholder words, the class name and the full stop keep their word
+embeddings, and the sequence goes through the (frozen or trainable) text transformer, ``ln_final`` and the text
+projection (:meth:`~xvlm.backbones.VisionLanguageModel.encode_prompt_embeddings`). The context is shared by all
+classes, or one context per class (``class_specific``). Only the token ids of the classes are stored; their word
 embeddings are looked up when a prompt is encoded, so memory does not grow with ``C × L × W``.
+
+Descriptor sentences (DCLIP, Menon & Vondrick 2023, as LaZSL uses them; spec ``methods/lazsl.md`` §2.1) are the
+one prompt builder for class descriptors: :func:`descriptor_sentences` turns ``{class: [descriptor, ...]}`` into
+``"{class}, {descriptor_sentence(d)}{suffix}"`` per descriptor, padded to the longest list with a mask, and
+:func:`encode_descriptors` encodes them with a text tower. Two deliberate deviations from DCLIP: the sentence rule
+tests the first *word* ("a"/"an", "has", ..., "used"), not the first letters, so "antennae" reads "which has
+antennae"; a class with an empty descriptor list is its name alone ("donuts"), not "donuts, which has ".
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from xvlm.backbones import VisionLanguageModel
+
+__all__ = [
+    "SoftPrompts",
+    "descriptor_sentence",
+    "descriptor_sentences",
+    "encode_descriptors",
+    "require_descriptors",
+]
 
 PLACEHOLDER = "X"
 
@@ -75,3 +91,78 @@ class SoftPrompts(nn.Module):
         eot = self.eot_index[classes].repeat(count)
         feats = backbone.encode_prompt_embeddings(embeddings, eot, normalize=False)
         return feats.view(count, len(classes), -1).transpose(0, 1)
+
+
+# --------------------------------------------------------------------------------------------- descriptor sentences
+_VERBS = frozenset({"has", "often", "typically", "may", "can"})
+_IS_WORDS = frozenset({"a", "an", "used"})
+
+
+def descriptor_sentence(descriptor: str) -> str:
+    """DCLIP's relative clause for a descriptor, testing its first word (module docstring).
+
+    "a"/"an"/"used" → "which is {d}"; "has"/"often"/"typically"/"may"/"can" → "which {d}"; else "which has {d}".
+
+    Example:
+        >>> [descriptor_sentence(d) for d in ("a long beak", "antennae", "can fly", "five points")]
+        ['which is a long beak', 'which has antennae', 'which can fly', 'which has five points']
+    """
+    words = descriptor.split(maxsplit=1)
+    first = words[0].lower() if words else ""
+    if first in _IS_WORDS:
+        return f"which is {descriptor}"
+    if first in _VERBS:
+        return f"which {descriptor}"
+    return f"which has {descriptor}"
+
+
+def require_descriptors(table: Mapping[str, list[str]], class_names: Sequence[str], source: str) -> None:
+    """Raise a ``ValueError`` naming ``source`` and every one of ``class_names`` that ``table`` lacks."""
+    missing = [name for name in class_names if name not in table]
+    if missing:
+        raise ValueError(f"{source} has no descriptors for {len(missing)} class(es): {', '.join(missing)}")
+
+
+def descriptor_sentences(
+    class_names: Sequence[str], descriptors: Mapping[str, list[str]], suffix: str = ""
+) -> tuple[list[list[str]], torch.Tensor]:
+    """Sentences ``"{class}, {descriptor_sentence(d)}{suffix}"`` per class, padded to the longest list.
+
+    Underscores in class names become spaces. A class with an empty list gets its name alone (module docstring).
+
+    Args:
+        class_names: the ``C`` classes, in score order.
+        descriptors: descriptor phrases per class name; must cover every name.
+        suffix: appended to every sentence ("." for ImageNet in the LaZSL reference, "" elsewhere).
+
+    Returns:
+        ``C`` lists of ``M = max_k M_k`` sentences (padded with ""), and the ``[C, M]`` bool mask of real ones.
+
+    Raises:
+        ValueError: if ``descriptors`` lacks some of ``class_names`` (all missing names are listed).
+    """
+    require_descriptors(descriptors, class_names, "the descriptor table")
+    rows = []
+    for name in class_names:
+        label = name.replace("_", " ")
+        sentences = [f"{label}, {descriptor_sentence(d)}{suffix}" for d in descriptors[name]]
+        rows.append(sentences or [label + suffix])
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    width = int(lengths.max()) if rows else 0
+    mask = torch.arange(width) < lengths[:, None]
+    return [row + [""] * (width - len(row)) for row in rows], mask
+
+
+def encode_descriptors(
+    encoder: VisionLanguageModel, sentences: list[list[str]], mask: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
+    """Unit-norm text features ``Q [C, M, D]`` of the sentences where ``mask [C, M]`` is set; zeros elsewhere.
+
+    ``sentences`` and ``mask`` as :func:`descriptor_sentences` returns them; at most ``batch_size`` sentences go
+    through the text tower at once.
+    """
+    flat = [s for row, keep in zip(sentences, mask.tolist()) for s, k in zip(row, keep) if k]
+    feats = torch.cat([encoder.encode_texts(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)])
+    out = feats.new_zeros(*mask.shape, feats.shape[-1])
+    out[mask.to(feats.device)] = feats
+    return out

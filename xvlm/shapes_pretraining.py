@@ -1,10 +1,11 @@
 """The tiny pretrained backbones: CLIP pretraining on captions of **seen** Shapes classes only.
 
 ``pretrained='shapes'`` (registered here with :func:`xvlm.backbones.register_source` when the ``xvlm`` package is
-imported, so that ``backbones`` needs no import of a method) resolves to ``<checkpoint_dir>/backbones/<model>-shapes.pt`` and builds it on first use
-by running :class:`~xvlm.methods.clip.CLIPFineTune` from random initialisation on the ``attributes`` task
-(unseen colour–pattern–shape combinations never appear), then caches it atomically together with a JSON report
-of its zero-shot accuracy. Unseen-class accuracy of the result measures real compositional transfer: every
+imported, so that ``backbones`` needs no import of a method) resolves to
+``<checkpoint_dir>/backbones/<model>-shapes.pt`` and builds it on first use by running
+:class:`~xvlm.methods.clip.CLIPFineTune` from random initialisation on the ``attributes`` task (unseen
+colour–pattern–shape combinations never appear), then caches it atomically together with a JSON report of its
+zero-shot accuracy. Unseen-class accuracy of the result measures real compositional transfer: every
 colour, pattern and shape word was seen, never the held-out combinations.
 
 The build leaves the caller's random state untouched, so a run that builds the backbone and one that finds it

@@ -2,7 +2,8 @@
 
 :class:`SaliencyEvaluation` scores ``pl_module.explain(batch)["saliency"]`` for the predicted class against
 ``pl_module.classify`` with the metrics of :mod:`xvlm.metrics.saliency` (insertion/deletion AUCs, and mass in mask
-and pointing game where batches carry a ``mask``), after validation epochs.
+and pointing game where batches carry a ``mask``), after validation epochs. The module is used through the
+:class:`xvlm.contracts.ExplainableModule` protocol only.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 
+from xvlm.contracts import ExplainableModule
 from xvlm.explain.gallery import explain_batch, split_loader
-from xvlm.methods.base import XVLMModule
 from xvlm.metrics.saliency import SaliencyMetrics, saliency_scores
 
 
@@ -59,7 +60,7 @@ class SaliencyEvaluation(Callback):
             self._batches = [move_data_to_device(batch, "cpu") for batch in islice(loader, self.max_batches)]
         return self._batches
 
-    def _scorer(self, module: XVLMModule) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]:
+    def _scorer(self, module: ExplainableModule) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]:
         """``batch -> saliency_scores`` of ``module.explain(batch)`` for its predicted classes."""
 
         def score(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -69,7 +70,7 @@ class SaliencyEvaluation(Callback):
 
         return score
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: XVLMModule) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: ExplainableModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         with torch.inference_mode(False):

@@ -1,9 +1,11 @@
 """Galleries of explained samples: take a fixed set of samples, run ``explain`` on them, write one PNG each.
 
-:class:`ExplanationGallery` does it after validation epochs; ``xvlm explain`` (:mod:`xvlm.explain.command`) does
+:class:`ExplanationGallery` does it after validation epochs; ``xvlm explain`` (:mod:`xvlm.cli.explain`) does
 it once from a checkpoint. Both call a module's ``explain(batch)`` through :func:`explain_batch`: in eval mode
 under ``torch.no_grad()`` but outside inference mode, so a method that needs gradients (Grad-CAM) can turn them on
-with ``torch.enable_grad()`` inside ``explain``.
+with ``torch.enable_grad()`` inside ``explain``. Modules are used through the
+:class:`xvlm.contracts.ExplainableModule` protocol only. LaZSL galleries explain with the trainer's LaZSL callback
+settings (:func:`xvlm.zeroshot.lazsl_settings_of`), so their maps explain the logged scores.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 
+from xvlm.contracts import ExplainableModule
 from xvlm.explain.render import render_explanation, sample_explanation, save_figure
-from xvlm.methods.base import XVLMModule
+from xvlm.zeroshot.lazsl import LaZSLSettings, evaluating, lazsl_settings_of
 from xvlm.zeroshot.regions import lazsl_explainer
 
 
@@ -61,27 +64,23 @@ def sample_names(batch: dict[str, Any], prefix: str) -> list[str]:
 
 
 def explain_batch(
-    module: XVLMModule, batch: dict[str, Any], explainer: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    module: ExplainableModule,
+    batch: dict[str, Any],
+    explainer: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """``explainer(batch)`` (default ``module.explain``) on the module's device in eval mode, with every
-    submodule's mode restored after.
+    """``explainer(batch)`` (default ``module.explain``) on the module's device in eval mode under
+    ``torch.no_grad()`` outside inference mode, with every submodule's mode restored after.
 
     Returns:
         The explanation with its tensors on the CPU (keys: :mod:`xvlm.explain.render`).
     """
-    modes = {submodule: submodule.training for submodule in module.modules()}
-    module.eval()
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            explanation = (explainer or module.explain)(move_data_to_device(batch, module.device))
-    finally:
-        for submodule, training in modes.items():
-            submodule.train(training)
+    with torch.inference_mode(False), evaluating(module):
+        explanation = (explainer or module.explain)(move_data_to_device(batch, module.device))
     return move_data_to_device(explanation, "cpu")
 
 
 def render_batch(
-    module: XVLMModule,
+    module: ExplainableModule,
     batch: dict[str, Any],
     names: Sequence[str],
     explainer: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -106,6 +105,10 @@ class ExplanationGallery(Callback):
     defaults to ``<trainer.log_dir>/gallery``) and, when a :class:`TensorBoardLogger` is attached, to TensorBoard
     under ``gallery/<split>_<index>``. The sanity check is skipped; only global rank 0 explains and writes.
 
+    With ``explainer='lazsl'`` the maps are computed with the settings of the trainer's
+    :class:`~xvlm.zeroshot.LaZSL` callback when it has one, so they explain the scores it logs; else with
+    ``lazsl`` (or the defaults). Giving ``lazsl`` that differs from the callback's settings is an error at setup.
+
     Args:
         every_n_epochs: write after epochs ``n - 1, 2n - 1, ...``.
         num_images: samples in the gallery.
@@ -113,19 +116,42 @@ class ExplanationGallery(Callback):
         out_dir: root folder of the epoch folders.
         explainer: ``module`` renders the method's own ``explain``; ``lazsl`` renders LaZSL's per-descriptor region
             heat maps of the module's zero-shot towers.
+        lazsl: LaZSL settings of ``explainer='lazsl'`` for trainers without a LaZSL callback (YAML:
+            ``lazsl: {theta: 0.5}``).
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8, split: Literal["val", "test"] = "val",
-                 out_dir: str | None = None, explainer: Literal["module", "lazsl"] = "module") -> None:
+                 out_dir: str | None = None, explainer: Literal["module", "lazsl"] = "module",
+                 lazsl: LaZSLSettings | None = None) -> None:
         if every_n_epochs < 1 or num_images < 1:
             raise ValueError(f"ExplanationGallery needs every_n_epochs >= 1 and num_images >= 1; got "
                              f"{every_n_epochs} and {num_images}")
+        if lazsl is not None and explainer != "lazsl":
+            raise ValueError(f"ExplanationGallery(lazsl=...) sets LaZSL options, which only explainer='lazsl' uses; "
+                             f"got explainer={explainer!r}")
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.split = split
         self.out_dir = out_dir
         self.explainer = explainer
+        self.lazsl = lazsl
+        self._lazsl_settings: LaZSLSettings | None = None
         self._batch: dict[str, Any] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Settle the LaZSL settings of ``explainer='lazsl'``: the trainer's LaZSL callback's, else ``lazsl``.
+
+        Raises:
+            ValueError: ``lazsl`` was given and differs from the LaZSL callback's settings (both are named).
+        """
+        if self.explainer != "lazsl":
+            return
+        logged = lazsl_settings_of(trainer.callbacks)
+        if logged is not None and self.lazsl is not None and self.lazsl != logged:
+            raise ValueError(f"ExplanationGallery(lazsl={self.lazsl!r}) differs from the LaZSL callback's settings "
+                             f"{logged!r}: the heat maps would explain other scores than the logged ones. Drop the "
+                             "gallery's lazsl (it then uses the callback's) or make the two equal.")
+        self._lazsl_settings = logged if logged is not None else self.lazsl
 
     def _samples(self, trainer: L.Trainer) -> dict[str, Any]:
         if self._batch is None:
@@ -133,7 +159,7 @@ class ExplanationGallery(Callback):
                 self._batch = first_samples(split_loader(trainer, self.split, "ExplanationGallery"), self.num_images)
         return self._batch
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: XVLMModule) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: ExplainableModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         root = Path(self.out_dir or Path(trainer.log_dir) / "gallery")  # log_dir is collective: every rank asks
@@ -143,7 +169,7 @@ class ExplanationGallery(Callback):
         names = sample_names(batch, self.split)
         folder = root / f"epoch_{trainer.current_epoch:03d}"
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        explainer = lazsl_explainer(pl_module) if self.explainer == "lazsl" else None
+        explainer = lazsl_explainer(pl_module, self._lazsl_settings) if self.explainer == "lazsl" else None
         for name, figure in zip(names, render_batch(pl_module, batch, names, explainer)):
             save_figure(figure, folder / f"{name}.png")
             for logger in loggers:

@@ -2,14 +2,23 @@
 
 Chen, Duan, Khan, Khan, "Interpretable Zero-Shot Learning with Locally-Aligned Vision-Language Model", ICCV 2025
 (spec: ``methods/lazsl.md``). An image becomes a global view ``p_g`` and ``N`` random square crops ``P``; class
-``k`` becomes its ``M_k`` descriptor sentences ``Q_k`` (DCLIP's "{class}, which has {descriptor}"). The crops
-that pass vision selection (cosine to the global view at least the mean) are the source, the descriptors the
-target, and each class is scored by its entropic OT plan (:func:`xvlm.ot.sinkhorn`):
+``k`` becomes its ``M_k`` descriptor sentences ``Q_k`` (DCLIP's "{class}, which has {descriptor}", built by
+:func:`xvlm.prompts.descriptor_sentences`). The crops that pass vision selection (cosine to the global view at
+least the mean) are the source, the descriptors the target, and each class is scored by its entropic OT plan
+(:func:`xvlm.ot.sinkhorn`):
 
     H_k = θ P Q_kᵀ + (1 − θ) 1 (Q_k p_g)ᵀ,    T_k = Sinkhorn(1 − H_k; μ, ν_k, ε),    ψ_k = <T_k, H_k>.
 
 DCLIP on the same descriptors (``mean_j <p_g, q_kj>``) is computed alongside as the baseline. :class:`LaZSL` runs
 this after every validation epoch on the task's unseen classes (or all classes, GZSL) of any xvlm method.
+
+Every option of the scoring (crops, θ, ε, vision selection, Sinkhorn stop, seed, sentence suffix, views per
+forward) lives in one frozen :class:`LaZSLSettings`, with its defaults written there only. :func:`score_images`
+(images → views → features → :func:`lazsl_scores`) is the one path from images to scores, plans and boxes: the
+callback scores with its ``settings``, and the region explanations (:func:`xvlm.zeroshot.regions.explain_lazsl`,
+the ``ExplanationGallery(explainer='lazsl')`` and ``xvlm explain --lazsl``) take the LaZSL callback's settings
+(:func:`lazsl_settings_of`), so heat maps explain the scores that are logged. The hybrid similarity ``H`` is
+computed by :func:`hybrid_similarity` alone.
 
 Deliberate deviations from the reference code (spec §8):
 
@@ -26,8 +35,9 @@ Deliberate deviations from the reference code (spec §8):
    loop over classes with a host sync per iteration.
 6. Each problem stops on its own marginal error (``< tol``), not on a mean over the image batch, so scores do
    not depend on batch composition.
-7. The sentence rule tests the first *word* ("a"/"an", "has", "often", "typically", "may", "can", "used"), not the
-   first letters: "antennae" reads "which has antennae", "canopy" "which has canopy".
+7. The sentence rule (:func:`xvlm.prompts.descriptor_sentence`) tests the first *word* ("a"/"an", "has", "often",
+   "typically", "may", "can", "used"), not the first letters: "antennae" reads "which has antennae", "canopy"
+   "which has canopy".
 8. A class with an empty descriptor list is scored by its name alone ("donuts"), not "donuts, which has ".
 9. Defaults are fixed (α 0.6, θ 0.8) and ``n_crops`` defaults to 16, sized for CPU runs on the tiny backbone
    (the paper's 90 is for GPUs); nothing is tuned on a test set.
@@ -45,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -62,20 +72,25 @@ from torchvision.ops import roi_align
 
 from datamodules.task import Task
 from xvlm.backbones import VisionLanguageModel
+from xvlm.contracts import ExplainableModule
 from xvlm.metrics import GZSLMetrics
 from xvlm.ot import sinkhorn
+from xvlm.prompts import descriptor_sentences, encode_descriptors, require_descriptors
 
 __all__ = [
     "LaZSL",
     "LaZSLOutput",
-    "descriptor_sentence",
-    "descriptor_sentences",
-    "encode_descriptors",
+    "LaZSLSettings",
+    "descriptor_contributions",
+    "evaluating",
+    "hybrid_similarity",
     "image_seeds",
     "lazsl_scores",
+    "lazsl_settings_of",
     "load_descriptors",
     "make_views",
     "sample_boxes",
+    "score_images",
     "vision_selection",
 ]
 
@@ -85,15 +100,70 @@ _PLAN_ELEMENTS = 2**24
 """Most ``B × C × N × M`` entries one Sinkhorn call handles; larger class sets are scored in chunks."""
 
 
+# --------------------------------------------------------------------------------------------- settings
+def _check_fractions(alpha: float, beta: float) -> None:
+    if not 0 < alpha <= beta <= 1:
+        raise ValueError(f"crop fractions need 0 < alpha <= beta <= 1; got alpha={alpha}, beta={beta}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LaZSLSettings:
+    """Every option of LaZSL scoring (spec §3); the one place their defaults are written.
+
+    The :class:`LaZSL` callback builds one from its arguments (``callback.settings``); :func:`score_images`,
+    :func:`lazsl_scores` and the region explanations read theirs from it. In YAML (``ExplanationGallery``):
+    ``lazsl: {theta: 0.5, n_crops: 32}``.
+
+    Attributes:
+        n_crops: random crops ``N`` per image (16 for CPU runs on the tiny backbone; the paper uses 60–90 on GPUs).
+        alpha: smallest crop side as a fraction of the short side.
+        beta: largest crop side as a fraction of the short side.
+        theta: weight ``θ`` of the crop–descriptor similarity (``1 − θ`` on the global view), in ``[0, 1]``.
+        eps: Sinkhorn regulariser ``ε > 0``.
+        vs_offset: vision-selection offset ``γ_vs`` on the mean crop–global cosine.
+        select_crops: apply vision selection (ablation switch); otherwise every crop is a source.
+        max_iter: most Sinkhorn iterations.
+        tol: Sinkhorn marginal tolerance; each problem stops on its own.
+        seed: crop seed; the crops of an image depend only on ``(seed, dataset index)``.
+        suffix: descriptor sentence suffix ("." for ImageNet parity, "" elsewhere).
+        max_views: views per image-encoder forward pass (bounds memory; at least one image per pass).
+
+    Raises:
+        ValueError: naming each option out of range.
+    """
+
+    n_crops: int = 16
+    alpha: float = 0.6
+    beta: float = 0.9
+    theta: float = 0.8
+    eps: float = 0.1
+    vs_offset: float = 0.0
+    select_crops: bool = True
+    max_iter: int = 100
+    tol: float = 1e-6
+    seed: int = 1
+    suffix: str = ""
+    max_views: int = 512
+
+    def __post_init__(self) -> None:
+        _check_fractions(self.alpha, self.beta)
+        rules = {
+            "n_crops": (self.n_crops >= 1, ">= 1"),
+            "theta": (0 <= self.theta <= 1, "in [0, 1]"),
+            "eps": (self.eps > 0, "> 0"),
+            "max_iter": (self.max_iter >= 1, ">= 1"),
+            "tol": (self.tol > 0, "> 0"),
+            "max_views": (self.max_views >= 1, ">= 1"),
+        }
+        broken = [f"{name}={getattr(self, name)!r} (must be {rule})" for name, (ok, rule) in rules.items() if not ok]
+        if broken:
+            raise ValueError(f"LaZSL settings out of range: {', '.join(broken)}")
+
+
 # --------------------------------------------------------------------------------------------- views
 def image_seeds(seed: int, indices: Sequence[int] | torch.Tensor) -> list[int]:
     """One 64-bit generator seed per image, mixed from ``(seed, dataset index)`` by numpy's ``SeedSequence``."""
     return [int(np.random.SeedSequence((seed, int(i))).generate_state(1, np.uint64)[0]) for i in indices]
-
-
-def _check_fractions(alpha: float, beta: float) -> None:
-    if not 0 < alpha <= beta <= 1:
-        raise ValueError(f"crop fractions need 0 < alpha <= beta <= 1; got alpha={alpha}, beta={beta}")
 
 
 def sample_boxes(
@@ -129,7 +199,7 @@ def make_views(
     images: torch.Tensor,
     n_crops: int,
     alpha: float,
-    beta: float = 0.9,
+    beta: float = LaZSLSettings.beta,
     *,
     seeds: Sequence[int],
     out_size: int,
@@ -166,76 +236,6 @@ def make_views(
 
 
 # --------------------------------------------------------------------------------------------- descriptors
-_VERBS = frozenset({"has", "often", "typically", "may", "can"})
-_IS_WORDS = frozenset({"a", "an", "used"})
-
-
-def descriptor_sentence(descriptor: str) -> str:
-    """DCLIP's relative clause for a descriptor, testing its first word (module docstring, deviation 7).
-
-    "a"/"an"/"used" → "which is {d}"; "has"/"often"/"typically"/"may"/"can" → "which {d}"; else "which has {d}".
-
-    Example:
-        >>> [descriptor_sentence(d) for d in ("a long beak", "antennae", "can fly", "five points")]
-        ['which is a long beak', 'which has antennae', 'which can fly', 'which has five points']
-    """
-    words = descriptor.split(maxsplit=1)
-    first = words[0].lower() if words else ""
-    if first in _IS_WORDS:
-        return f"which is {descriptor}"
-    if first in _VERBS:
-        return f"which {descriptor}"
-    return f"which has {descriptor}"
-
-
-def _require_classes(table: dict[str, list[str]], class_names: Sequence[str], source: str) -> None:
-    """Raise a ``ValueError`` naming ``source`` and every one of ``class_names`` that ``table`` lacks."""
-    missing = [name for name in class_names if name not in table]
-    if missing:
-        raise ValueError(f"{source} has no descriptors for {len(missing)} class(es): {', '.join(missing)}")
-
-
-def descriptor_sentences(
-    class_names: Sequence[str], descriptors: dict[str, list[str]], suffix: str = ""
-) -> tuple[list[list[str]], torch.Tensor]:
-    """Sentences ``"{class}, {descriptor_sentence(d)}{suffix}"`` per class, padded to the longest list.
-
-    Underscores in class names become spaces. A class with an empty list gets its name alone (deviation 8).
-
-    Args:
-        class_names: the ``C`` classes to score, in score order.
-        descriptors: descriptor phrases per class name; must cover every name.
-        suffix: appended to every sentence ("." for ImageNet in the reference, "" elsewhere).
-
-    Returns:
-        ``C`` lists of ``M = max_k M_k`` sentences (padded with ""), and the ``[C, M]`` bool mask of real ones.
-
-    Raises:
-        ValueError: if ``descriptors`` lacks some of ``class_names`` (all missing names are listed).
-    """
-    _require_classes(descriptors, class_names, "the descriptor table")
-    rows = []
-    for name in class_names:
-        label = name.replace("_", " ")
-        sentences = [f"{label}, {descriptor_sentence(d)}{suffix}" for d in descriptors[name]]
-        rows.append(sentences or [label + suffix])
-    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
-    width = int(lengths.max()) if rows else 0
-    mask = torch.arange(width) < lengths[:, None]
-    return [row + [""] * (width - len(row)) for row in rows], mask
-
-
-def encode_descriptors(
-    encoder: VisionLanguageModel, sentences: list[list[str]], mask: torch.Tensor, batch_size: int = 512
-) -> torch.Tensor:
-    """Unit-norm text features ``Q [C, M, D]`` of the sentences where ``mask [C, M]`` is set; zeros elsewhere."""
-    flat = [s for row, keep in zip(sentences, mask.tolist()) for s, k in zip(row, keep) if k]
-    feats = torch.cat([encoder.encode_texts(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)])
-    out = feats.new_zeros(*mask.shape, feats.shape[-1])
-    out[mask.to(feats.device)] = feats
-    return out
-
-
 def load_descriptors(path: str | Path, class_names: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Read a DCLIP/LaZSL descriptor file ``{class name: [descriptor, ...]}``.
 
@@ -257,32 +257,37 @@ def load_descriptors(path: str | Path, class_names: Sequence[str] | None = None)
         raise ValueError(f"{path}: a descriptor file must be a JSON object {{class name: [descriptor, ...]}}")
     if class_names is None:
         return table
-    _require_classes(table, class_names, str(path))
+    require_descriptors(table, class_names, str(path))
     return {name: table[name] for name in class_names}
 
 
 # --------------------------------------------------------------------------------------------- scoring
 @dataclasses.dataclass
 class LaZSLOutput:
-    """Result of :func:`lazsl_scores`.
+    """Result of :func:`lazsl_scores` and :func:`score_images`.
 
     Attributes:
         scores: ``[B, C]`` LaZSL scores ``ψ_bk = <T_bk, H_bk>``.
         dclip_scores: ``[B, C]`` DCLIP scores ``mean_j <p_g, q_kj>`` over each class's real descriptors.
+        contributions: ``[B, C, M]`` evidence per descriptor ``c_bkj = Σ_n T_bknj H_bknj``; it sums over ``j`` to
+            ``scores`` and is zero on padded descriptors.
         plans: ``[B, C, N, M]`` OT plans (zero on dropped crops and padded descriptors), or None if not kept.
         crop_keep: ``[B, N]`` bool, the crops that passed vision selection.
         boxes: ``[B, N, 4]`` crop boxes ``(x0, y0, x1, y1)`` in input pixels when scored from images
-            (:meth:`LaZSL.score`), else None.
+            (:func:`score_images`), else None.
     """
 
     scores: torch.Tensor
     dclip_scores: torch.Tensor
+    contributions: torch.Tensor
     plans: torch.Tensor | None
     crop_keep: torch.Tensor
     boxes: torch.Tensor | None = None
 
 
-def vision_selection(crop_feats: torch.Tensor, global_feats: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+def vision_selection(
+    crop_feats: torch.Tensor, global_feats: torch.Tensor, offset: float = LaZSLSettings.vs_offset
+) -> torch.Tensor:
     """Vision selection: keep crop ``n`` iff ``ρ_n ≥ mean(ρ) + offset``, ``ρ_n = <p_n, p_g>``; the best crop always.
 
     Args:
@@ -298,76 +303,146 @@ def vision_selection(crop_feats: torch.Tensor, global_feats: torch.Tensor, offse
     return (rho >= rho.mean(dim=1, keepdim=True) + offset) | best
 
 
+def hybrid_similarity(
+    crop_feats: torch.Tensor, global_feats: torch.Tensor, desc_feats: torch.Tensor, theta: float
+) -> torch.Tensor:
+    """Hybrid similarity ``H = θ P Qᵀ + (1 − θ) 1 (Q p_g)ᵀ`` of crops and descriptors.
+
+    Leading dimensions broadcast without being materialised (``einsum`` contracts size-1 dimensions away), so
+    ``[B, 1, N, D]`` crops against ``[1, C, M, D]`` descriptors give ``[B, C, N, M]`` with no ``B × C × N × D``
+    intermediate.
+
+    Args:
+        crop_feats: ``[..., N, D]`` unit-norm crop features ``P``.
+        global_feats: ``[..., D]`` unit-norm global-view features ``p_g``.
+        desc_feats: ``[..., M, D]`` unit-norm descriptor features ``Q`` (zero rows give zero similarities).
+        theta: weight ``θ`` of the crop–descriptor similarity.
+
+    Returns:
+        ``[..., N, M]`` (leading dimensions broadcast).
+    """
+    hybrid = torch.einsum("...nd,...md->...nm", theta * crop_feats, desc_feats)
+    global_sim = torch.einsum("...d,...md->...m", global_feats, desc_feats)
+    return hybrid.add_((1 - theta) * global_sim.unsqueeze(-2))
+
+
+def descriptor_contributions(plan: torch.Tensor, hybrid: torch.Tensor) -> torch.Tensor:
+    """Evidence per descriptor ``c_j = Σ_n T_nj H_nj``; the contributions sum to the class score ``ψ = <T, H>``.
+
+    Args:
+        plan: ``[..., N, M]`` OT plans ``T``.
+        hybrid: ``[..., N, M]`` hybrid similarities ``H`` of the same problems (:func:`hybrid_similarity`).
+
+    Returns:
+        ``[..., M]`` contributions (zero on padded descriptors, where ``T`` is zero).
+    """
+    return (plan * hybrid).sum(dim=-2)
+
+
 def lazsl_scores(
     crop_feats: torch.Tensor,
     global_feats: torch.Tensor,
     desc_feats: torch.Tensor,
     desc_mask: torch.Tensor,
+    settings: LaZSLSettings | None = None,
     *,
-    theta: float = 0.8,
-    eps: float = 0.1,
-    max_iter: int = 100,
-    tol: float = 1e-6,
-    select_crops: bool = True,
-    vs_offset: float = 0.0,
     return_plans: bool = True,
 ) -> LaZSLOutput:
     """LaZSL and DCLIP scores of ``B`` images against ``C`` classes, by one batched Sinkhorn over ``B × C``.
 
     With unit-norm crops ``P [B, N, D]``, global ``p_g [B, D]`` and descriptors ``Q [C, M, D]``:
-    ``S = P Qᵀ [B, C, N, M]``, ``g = Q p_g [B, C, M]``, ``H = θ S + (1 − θ) g`` (broadcast over crops);
+    ``H = θ P Qᵀ + (1 − θ) 1 (Q p_g)ᵀ [B, C, N, M]`` (:func:`hybrid_similarity`);
     ``T = Sinkhorn(1 − H; μ, ν, ε)`` with ``μ`` uniform over the kept crops and ``ν`` uniform over the real
-    descriptors; ``ψ = Σ_nj T_nj H_nj``. As ``Tᵀ 1 = ν``, ``ψ = (1 − θ) DCLIP + θ <T, S>``.
+    descriptors; ``c_j = Σ_n T_nj H_nj`` and ``ψ = Σ_j c_j``. As ``Tᵀ 1 = ν``, ``ψ = (1 − θ) DCLIP + θ <T, P Qᵀ>``.
+    Classes are scored in chunks of at most ``_PLAN_ELEMENTS`` plan entries, so memory stays bounded.
 
     Args:
         crop_feats: ``[B, N, D]`` crop features (normalised here).
         global_feats: ``[B, D]`` global-view features (normalised here).
         desc_feats: ``[C, M, D]`` descriptor features (normalised here; padded rows are ignored).
         desc_mask: ``[C, M]`` bool, real descriptors; every class needs at least one.
-        theta: weight ``θ`` of the crop–descriptor similarity.
-        eps: entropic regulariser ``ε``.
-        max_iter: most Sinkhorn iterations.
-        tol: Sinkhorn marginal tolerance.
-        select_crops: apply vision selection (:func:`vision_selection`); otherwise every crop is a source.
-        vs_offset: selection offset ``γ_vs``.
+        settings: ``theta``, ``eps``, ``max_iter``, ``tol``, ``select_crops`` and ``vs_offset`` are used (the
+            defaults of :class:`LaZSLSettings` if None).
         return_plans: keep the ``[B, C, N, M]`` plans in the output (memory: 4 bytes per entry in fp32).
 
     Returns:
-        :class:`LaZSLOutput`.
+        :class:`LaZSLOutput` without boxes.
     """
+    settings = LaZSLSettings() if settings is None else settings
     crops = F.normalize(crop_feats, dim=-1)
     glob = F.normalize(global_feats, dim=-1)
     desc = F.normalize(desc_feats, dim=-1)
     mask = desc_mask.to(desc.device, torch.bool)
     if not bool(mask.any(dim=1).all()):
         raise ValueError("lazsl_scores: every class needs at least one descriptor (desc_mask row of all False)")
-    if select_crops:
-        keep = vision_selection(crops, glob, vs_offset)
+    if settings.select_crops:
+        keep = vision_selection(crops, glob, settings.vs_offset)
     else:
         keep = torch.ones(crops.shape[:2], dtype=torch.bool, device=crops.device)
-    global_sim = torch.einsum("bd,cmd->bcm", glob, desc)
-    dclip = (global_sim * mask).sum(dim=-1) / mask.sum(dim=-1)
+    dclip = (torch.einsum("bd,cmd->bcm", glob, desc) * mask).sum(dim=-1) / mask.sum(dim=-1)
     b, n, _ = crops.shape
     c, m, _ = desc.shape
     chunk = max(1, _PLAN_ELEMENTS // max(1, b * n * m))
-    scores, plans = [], []
+    contributions, plans = [], []
     for start in range(0, c, chunk):
         part = slice(start, start + chunk)
-        # the cost 1 − H enters as −H (a constant shift leaves the plan unchanged), built in place from −θ S
-        negative_hybrid = torch.einsum("bnd,cmd->bcnm", -theta * crops, desc[part]).contiguous()
-        negative_hybrid.sub_((1 - theta) * global_sim[:, part, None, :])
-        plan = sinkhorn(negative_hybrid, eps=eps, max_iter=max_iter, tol=tol, a_mask=keep[:, None, :],
-                        b_mask=mask[None, part])
-        scores.append(-torch.linalg.vecdot(plan.flatten(-2), negative_hybrid.flatten(-2)))
+        hybrid = hybrid_similarity(crops[:, None], glob[:, None], desc[None, part], settings.theta)
+        # the cost 1 − H enters as −H: a constant shift leaves the plan unchanged
+        plan = sinkhorn(-hybrid, eps=settings.eps, max_iter=settings.max_iter, tol=settings.tol,
+                        a_mask=keep[:, None, :], b_mask=mask[None, part])
+        contributions.append(descriptor_contributions(plan, hybrid))
         if return_plans:
             plans.append(plan)
-    return LaZSLOutput(scores=torch.cat(scores, dim=1), dclip_scores=dclip,
+    evidence = torch.cat(contributions, dim=1)
+    return LaZSLOutput(scores=evidence.sum(dim=-1), dclip_scores=dclip, contributions=evidence,
                        plans=torch.cat(plans, dim=1) if return_plans else None, crop_keep=keep)
+
+
+def score_images(
+    encoder: VisionLanguageModel,
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    desc_feats: torch.Tensor,
+    desc_mask: torch.Tensor,
+    settings: LaZSLSettings | None = None,
+    return_plans: bool = False,
+) -> LaZSLOutput:
+    """LaZSL output of images against encoded descriptors: views, image features, :func:`lazsl_scores`, boxes.
+
+    The one path from images to scores, used by the :class:`LaZSL` callback and the region explanations. Views
+    (:func:`make_views`) are encoded ``max_views // (1 + n_crops)`` images at a time (at least one). Call in eval
+    mode under ``torch.no_grad()``.
+
+    Args:
+        encoder: the towers to score with.
+        images: ``[B, 3, H, W]`` CLIP-normalised images.
+        indices: ``[B]`` dataset indices; with ``settings.seed`` they seed the crops.
+        desc_feats: ``[C, M, D]`` descriptor features (:func:`xvlm.prompts.encode_descriptors`).
+        desc_mask: ``[C, M]`` bool, real descriptors.
+        settings: every option (the defaults of :class:`LaZSLSettings` if None).
+        return_plans: keep the ``[B, C, N, M]`` plans.
+
+    Returns:
+        :class:`LaZSLOutput` with ``boxes [B, N, 4]`` in input pixels.
+    """
+    settings = LaZSLSettings() if settings is None else settings
+    seeds = image_seeds(settings.seed, indices.tolist())
+    per_forward = max(1, settings.max_views // (1 + settings.n_crops))
+    feats, boxes = [], []
+    for start in range(0, len(images), per_forward):
+        part = slice(start, start + per_forward)
+        views, part_boxes = make_views(images[part], settings.n_crops, settings.alpha, settings.beta,
+                                       seeds=seeds[part], out_size=encoder.image_size)
+        feats.append(encoder.encode_image(views.flatten(0, 1)).view(*views.shape[:2], -1))
+        boxes.append(part_boxes)
+    feats = torch.cat(feats)
+    out = lazsl_scores(feats[:, 1:], feats[:, 0], desc_feats, desc_mask, settings, return_plans=return_plans)
+    return dataclasses.replace(out, boxes=torch.cat(boxes))
 
 
 # --------------------------------------------------------------------------------------------- callback
 @contextmanager
-def _evaluating(module: nn.Module) -> Iterator[None]:
+def evaluating(module: nn.Module | ExplainableModule) -> Iterator[None]:
     """Run the block with ``module`` in eval mode under ``torch.no_grad()``; restore every submodule's mode after."""
     modes = [(sub, sub.training) for sub in module.modules()]
     module.eval()
@@ -396,9 +471,13 @@ class LaZSL(Callback):
     descriptor text features are encoded once per evaluation; every view is encoded in eval mode under
     ``torch.no_grad()`` and the towers' train/eval modes are restored afterwards. Skips the sanity check.
 
+    The scoring options are gathered in ``self.settings`` (:class:`LaZSLSettings`, which documents them and holds
+    their defaults); region explanations of a trainer with this callback use the same settings
+    (:func:`lazsl_settings_of`).
+
     Args:
         every_n_epochs: evaluate after every ``n``-th training epoch (always under ``validate``).
-        n_crops: random crops ``N`` per image (16 for CPU; the paper uses 60–90 on GPUs).
+        n_crops: random crops ``N`` per image.
         alpha: smallest crop side as a fraction of the short side.
         beta: largest crop side as a fraction of the short side.
         theta: weight ``θ`` of crop similarity (``1 − θ`` on the global view).
@@ -411,34 +490,35 @@ class LaZSL(Callback):
         seed: crop seed; crops of an image depend only on ``(seed, dataset index)``.
         suffix: sentence suffix ("." for ImageNet parity, "" elsewhere).
         max_views: views per image-encoder forward pass (bounds memory).
+        tol: Sinkhorn marginal tolerance.
     """
 
     def __init__(
         self,
         every_n_epochs: int = 1,
-        n_crops: int = 16,
-        alpha: float = 0.6,
-        beta: float = 0.9,
-        theta: float = 0.8,
-        eps: float = 0.1,
-        vs_offset: float = 0.0,
-        select_crops: bool = True,
-        max_iter: int = 100,
+        n_crops: int = LaZSLSettings.n_crops,
+        alpha: float = LaZSLSettings.alpha,
+        beta: float = LaZSLSettings.beta,
+        theta: float = LaZSLSettings.theta,
+        eps: float = LaZSLSettings.eps,
+        vs_offset: float = LaZSLSettings.vs_offset,
+        select_crops: bool = LaZSLSettings.select_crops,
+        max_iter: int = LaZSLSettings.max_iter,
         split: Split = "unseen",
         max_batches: int | None = None,
-        seed: int = 1,
-        suffix: str = "",
-        max_views: int = 512,
+        seed: int = LaZSLSettings.seed,
+        suffix: str = LaZSLSettings.suffix,
+        max_views: int = LaZSLSettings.max_views,
+        tol: float = LaZSLSettings.tol,
     ) -> None:
         if split not in ("unseen", "all"):
             raise ValueError(f"LaZSL split={split!r}: choose 'unseen' or 'all'")
-        if every_n_epochs < 1 or n_crops < 1 or max_views < 1:
-            raise ValueError("LaZSL needs every_n_epochs, n_crops and max_views >= 1")
-        _check_fractions(alpha, beta)
-        self.every_n_epochs, self.n_crops, self.alpha, self.beta = every_n_epochs, n_crops, alpha, beta
-        self.theta, self.eps, self.vs_offset, self.select_crops = theta, eps, vs_offset, select_crops
-        self.max_iter, self.split, self.max_batches, self.seed = max_iter, split, max_batches, seed
-        self.suffix, self.max_views = suffix, max_views
+        if every_n_epochs < 1:
+            raise ValueError(f"LaZSL every_n_epochs={every_n_epochs!r} (must be >= 1)")
+        self.settings = LaZSLSettings(n_crops=n_crops, alpha=alpha, beta=beta, theta=theta, eps=eps,
+                                      vs_offset=vs_offset, select_crops=select_crops, max_iter=max_iter, tol=tol,
+                                      seed=seed, suffix=suffix, max_views=max_views)
+        self.every_n_epochs, self.split, self.max_batches = every_n_epochs, split, max_batches
         self._classes: torch.Tensor | None = None
         self._sentences: tuple[list[list[str]], torch.Tensor] | None = None
         self._metrics: dict[str, GZSLMetrics] = {}
@@ -466,8 +546,8 @@ class LaZSL(Callback):
         else:
             classes = list(range(task.num_classes))
         names = [task.class_names[k] for k in classes]
-        _require_classes(descriptors, names, f"LaZSL: {task.source}")
-        self._sentences = descriptor_sentences(names, descriptors, self.suffix)
+        require_descriptors(descriptors, names, f"LaZSL: {task.source}")
+        self._sentences = descriptor_sentences(names, descriptors, self.settings.suffix)
         self._classes = torch.as_tensor(classes, dtype=torch.long)
         self._metrics = {prefix: GZSLMetrics(task.num_classes, task.seen, task.unseen) for prefix in ("", "dclip_")}
 
@@ -482,7 +562,7 @@ class LaZSL(Callback):
         if not (self._active and self._runs(trainer)):
             return
         encoder = pl_module.zero_shot_encoder()
-        with _evaluating(encoder):
+        with evaluating(encoder):
             self._text = encode_descriptors(encoder, *self._sentences)
         self._classes = self._classes.to(pl_module.device)
         for metric in self._metrics.values():
@@ -505,7 +585,7 @@ class LaZSL(Callback):
         if len(labels) == 0:
             return
         encoder = pl_module.zero_shot_encoder()
-        with _evaluating(encoder):
+        with evaluating(encoder):
             out = self.score(encoder, images, indices)
         for prefix, scores in (("", out.scores), ("dclip_", out.dclip_scores)):
             logits = scores.new_full((len(labels), self._metrics[prefix].num_classes), -math.inf)
@@ -519,20 +599,7 @@ class LaZSL(Callback):
 
         Call after :meth:`on_validation_epoch_start` has encoded the descriptors, in eval mode without gradients.
         """
-        seeds = image_seeds(self.seed, indices.tolist())
-        per_forward = max(1, self.max_views // (1 + self.n_crops))
-        feats, boxes = [], []
-        for start in range(0, len(images), per_forward):
-            part = slice(start, start + per_forward)
-            views, part_boxes = make_views(images[part], self.n_crops, self.alpha, self.beta, seeds=seeds[part],
-                                           out_size=encoder.image_size)
-            feats.append(encoder.encode_image(views.flatten(0, 1)).view(*views.shape[:2], -1))
-            boxes.append(part_boxes)
-        feats = torch.cat(feats)
-        out = lazsl_scores(feats[:, 1:], feats[:, 0], self._text, self._sentences[1], theta=self.theta,
-                           eps=self.eps, max_iter=self.max_iter, select_crops=self.select_crops,
-                           vs_offset=self.vs_offset, return_plans=False)
-        return dataclasses.replace(out, boxes=torch.cat(boxes))
+        return score_images(encoder, images, indices, self._text, self._sentences[1], self.settings)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._text is None:
@@ -544,3 +611,18 @@ class LaZSL(Callback):
             values = metric.compute()
             metric.reset()
             pl_module.log_dict({f"lazsl/{prefix}{name}": values[key] for key, name in renamed.items() if key in values})
+
+
+def lazsl_settings_of(callbacks: Iterable[object]) -> LaZSLSettings | None:
+    """The settings of the :class:`LaZSL` callback among ``callbacks`` (e.g. ``trainer.callbacks``), None if none.
+
+    Region explanations take these so that their maps explain the scores the callback logs.
+
+    Raises:
+        ValueError: if several LaZSL callbacks score with different settings (their splits may differ).
+    """
+    found = list(dict.fromkeys(callback.settings for callback in callbacks if isinstance(callback, LaZSL)))
+    if len(found) > 1:
+        raise ValueError(f"the trainer has LaZSL callbacks with different settings, so no single one explains the "
+                         f"logged scores: {' and '.join(map(repr, found))}")
+    return found[0] if found else None

@@ -1,9 +1,10 @@
 """Region-level explanation of LaZSL: descriptor contributions and per-descriptor heat maps (spec §9).
 
 For the explained class ``k`` of an image, with OT plan ``T [N, M]`` and hybrid similarity
-``H = θ P Q_kᵀ + (1 − θ) 1 (Q_k p_g)ᵀ`` (:func:`xvlm.zeroshot.lazsl_scores`):
+``H = θ P Q_kᵀ + (1 − θ) 1 (Q_k p_g)ᵀ`` (:func:`xvlm.zeroshot.hybrid_similarity`):
 
-- **contribution** of descriptor ``j``: ``c_j = Σ_n T_nj H_nj``, so ``Σ_j c_j = ψ_k``, the class score;
+- **contribution** of descriptor ``j``: ``c_j = Σ_n T_nj H_nj``, so ``Σ_j c_j = ψ_k``, the class score (computed
+  alongside the score in :func:`xvlm.zeroshot.lazsl_scores` by :func:`xvlm.zeroshot.descriptor_contributions`);
 - **heat map** of descriptor ``j``: ``R_j(p) = Σ_n T_nj 1[p ∈ box_n]``, divided (by default) by the coverage
   ``cov(p) = Σ_n keep_n 1[p ∈ box_n]``, the number of kept crops over pixel ``p`` (0 where none covers it), so
   that central pixels are not favoured just because more crops overlap there.
@@ -16,64 +17,32 @@ pixel: the total heat is flat and only its split between descriptors varies.
 
 The quality check (:func:`xvlm.metrics.saliency.mass_in_mask`) is the share of a map's mass inside the object mask;
 a uniform map scores the mask's area fraction (:func:`xvlm.metrics.saliency.uniform_mass_in_mask`).
+
+:func:`explain_lazsl` scores through :func:`xvlm.zeroshot.score_images`, the path of the :class:`~xvlm.zeroshot.LaZSL`
+callback, with a :class:`~xvlm.zeroshot.LaZSLSettings`: given the callback's ``settings``, its scores are the
+callback's. Modules are used through the :class:`xvlm.contracts.ExplainableModule` protocol only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from datamodules.task import Task
 from xvlm.backbones import VisionLanguageModel
-
-if TYPE_CHECKING:
-    from xvlm.methods.base import XVLMModule
-from xvlm.zeroshot.lazsl import descriptor_sentences, encode_descriptors, image_seeds, lazsl_scores, make_views
+from xvlm.contracts import ExplainableModule
+from xvlm.prompts import descriptor_sentences, encode_descriptors
+from xvlm.zeroshot.lazsl import LaZSLSettings, score_images
 
 __all__ = [
     "box_indicators",
     "crop_weights",
-    "descriptor_contributions",
     "descriptor_heatmaps",
     "explain_lazsl",
-    "hybrid_similarity",
+    "lazsl_explainer",
 ]
-
-
-def descriptor_contributions(plan: torch.Tensor, hybrid: torch.Tensor) -> torch.Tensor:
-    """Evidence per descriptor ``c_j = Σ_n T_nj H_nj``; the contributions sum to the class score ``ψ = <T, H>``.
-
-    Args:
-        plan: ``[..., N, M]`` OT plan ``T`` of one class.
-        hybrid: ``[..., N, M]`` hybrid similarity ``H`` of the same class.
-
-    Returns:
-        ``[..., M]`` contributions (zero on padded descriptors, where ``T`` is zero).
-    """
-    return (plan * hybrid).sum(dim=-2)
-
-
-def hybrid_similarity(
-    crop_feats: torch.Tensor, global_feats: torch.Tensor, desc_feats: torch.Tensor, theta: float
-) -> torch.Tensor:
-    """Hybrid similarity ``H = θ P Qᵀ + (1 − θ) 1 (Q p_g)ᵀ`` of each image against its own class's descriptors.
-
-    Args:
-        crop_feats: ``[B, N, D]`` crop features ``P`` (normalised here).
-        global_feats: ``[B, D]`` global-view features ``p_g`` (normalised here).
-        desc_feats: ``[B, M, D]`` descriptor features ``Q`` of each image's explained class (zero rows stay zero).
-        theta: weight ``θ`` of the crop–descriptor similarity.
-
-    Returns:
-        ``[B, N, M]``.
-    """
-    crops, glob, desc = (F.normalize(t, dim=-1) for t in (crop_feats, global_feats, desc_feats))
-    crop_sim = torch.einsum("bnd,bmd->bnm", crops, desc)
-    global_sim = torch.einsum("bd,bmd->bm", glob, desc)
-    return theta * crop_sim + (1 - theta) * global_sim[:, None, :]
 
 
 def box_indicators(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
@@ -163,19 +132,15 @@ def explain_lazsl(
     task: Task,
     class_index: torch.Tensor | None = None,
     *,
-    n_crops: int = 16,
-    alpha: float = 0.6,
-    beta: float = 0.9,
-    theta: float = 0.8,
-    eps: float = 0.1,
-    seed: int = 1,
+    settings: LaZSLSettings | None = None,
     normalise_by_coverage: bool = True,
 ) -> dict[str, Any]:
     """LaZSL explanation of a batch over all the task's classes, in the renderer's conventions.
 
-    Scores the images as :class:`xvlm.zeroshot.LaZSL` does (same crops for the same ``seed`` and indices), then
-    explains class ``class_index`` (the prediction if None) by its descriptors' contributions and heat maps.
-    Call in eval mode under ``torch.no_grad()``.
+    Scores the images by :func:`xvlm.zeroshot.score_images` with every option of ``settings`` (sentence suffix,
+    crops, vision selection, Sinkhorn), so with a :class:`~xvlm.zeroshot.LaZSL` callback's ``settings`` the scores
+    of its classes are the callback's; then explains class ``class_index`` (the prediction if None) by its
+    descriptors' contributions and heat maps. Call in eval mode under ``torch.no_grad()``.
 
     Args:
         encoder: the towers to score with.
@@ -183,12 +148,7 @@ def explain_lazsl(
         indices: ``[B]`` dataset indices (they seed the crops).
         task: the label space; needs ``descriptors``.
         class_index: ``[B]`` class to explain per image, or None for the predicted one.
-        n_crops: crops ``N`` per image.
-        alpha: smallest crop side as a fraction of the short side.
-        beta: largest crop side as a fraction of the short side.
-        theta: weight ``θ`` of the crop similarity.
-        eps: Sinkhorn regulariser ``ε``.
-        seed: crop seed.
+        settings: every scoring option (the defaults of :class:`~xvlm.zeroshot.LaZSLSettings` if None).
         normalise_by_coverage: divide the heat maps by the kept-crop coverage (spec default).
 
     Returns:
@@ -196,34 +156,30 @@ def explain_lazsl(
         ``descriptor_maps [B, M, H, W]``, ``descriptor_names`` (``B`` lists of ``M`` descriptors, "" for padding),
         ``descriptor_contributions [B, M]`` (``Σ_j c_j = ψ``), ``descriptor_mask [B, M]`` (bool, the real
         descriptors; a padded one's 0 can outrank negative contributions), ``plans [B, N, M]``, ``crop_keep [B, N]`` and
-        ``boxes [B, N, 4]``. Padded descriptors have zero maps and contributions.
+        ``boxes [B, N, 4]``. Padded descriptors have zero maps and contributions (their plan columns are zero).
     """
     descriptors = task.require("descriptors", "explain_lazsl")
-    sentences, desc_mask = descriptor_sentences(task.class_names, descriptors)
-    text = encode_descriptors(encoder, sentences, desc_mask)
-    views, boxes = make_views(images, n_crops, alpha, beta, seeds=image_seeds(seed, indices.tolist()),
-                              out_size=encoder.image_size)
-    feats = encoder.encode_image(views.flatten(0, 1)).view(*views.shape[:2], -1)
-    out = lazsl_scores(feats[:, 1:], feats[:, 0], text, desc_mask, theta=theta, eps=eps)
+    settings = LaZSLSettings() if settings is None else settings
+    sentences, desc_mask = descriptor_sentences(task.class_names, descriptors, settings.suffix)
+    out = score_images(encoder, images, indices, encode_descriptors(encoder, sentences, desc_mask), desc_mask,
+                       settings, return_plans=True)
     predicted = out.scores.argmax(dim=1)
     explained = predicted if class_index is None else class_index.to(predicted.device)
     rows = torch.arange(len(images), device=predicted.device)
     plan = out.plans[rows, explained]
-    hybrid = hybrid_similarity(feats[:, 1:], feats[:, 0], text[explained], theta)
-    keep_desc = desc_mask.to(plan.device)[explained]
-    maps = descriptor_heatmaps(plan, boxes, tuple(images.shape[-2:]), normalise_by_coverage, keep=out.crop_keep)
     return {
         "predicted": predicted,
         "logits": out.scores,
         "explained": explained,
-        "descriptor_maps": maps * keep_desc[..., None, None],
+        "descriptor_maps": descriptor_heatmaps(plan, out.boxes, tuple(images.shape[-2:]), normalise_by_coverage,
+                                               keep=out.crop_keep),
         "descriptor_names": [_descriptor_names(task.class_names[k], descriptors, plan.shape[-1])
                              for k in explained.tolist()],
-        "descriptor_contributions": descriptor_contributions(plan, hybrid) * keep_desc,
-        "descriptor_mask": keep_desc,
+        "descriptor_contributions": out.contributions[rows, explained],
+        "descriptor_mask": desc_mask.to(plan.device)[explained],
         "plans": plan,
         "crop_keep": out.crop_keep,
-        "boxes": boxes,
+        "boxes": out.boxes,
     }
 
 
@@ -233,16 +189,27 @@ def _descriptor_names(name: str, descriptors: dict[str, list[str]], width: int) 
     return phrases + [""] * (width - len(phrases))
 
 
-def lazsl_explainer(module: XVLMModule, **options: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """``explain(batch)`` by LaZSL on ``module``'s zero-shot towers (``xvlm explain --lazsl``).
+def lazsl_explainer(
+    module: ExplainableModule, settings: LaZSLSettings | None = None
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``explain(batch)`` by LaZSL on ``module``'s zero-shot towers (gallery ``explainer='lazsl'``, ``xvlm explain
+    --lazsl``), with ``settings`` (pass the LaZSL callback's, :func:`xvlm.zeroshot.lazsl_settings_of`; defaults if
+    None).
 
     The batch needs ``image``; ``index`` (dataset indices, which seed the crops) defaults to the positions.
-    ``options`` go to :func:`explain_lazsl`.
+
+    Raises:
+        ValueError: if the module has no task yet or no zero-shot encoder.
     """
+    if module.task is None:
+        raise ValueError(f"LaZSL explanations need the module's task; {type(module).__name__} has none yet")
+    if module.zero_shot_encoder() is None:
+        raise ValueError(f"LaZSL explanations need a zero-shot encoder; {type(module).__name__} has none (its "
+                         "image encoder is not text-aligned)")
 
     def explain(batch: dict[str, Any]) -> dict[str, Any]:
         images = batch["image"]
         indices = batch.get("index", torch.arange(len(images)))
-        return explain_lazsl(module.zero_shot_encoder(), images, indices, module.task, **options)
+        return explain_lazsl(module.zero_shot_encoder(), images, indices, module.task, settings=settings)
 
     return explain

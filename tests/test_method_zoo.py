@@ -1,0 +1,123 @@
+"""Every method, through its shipped Shapes config, on 32-px Shapes with a handful of steps (the timm habit: one
+cheap check across the whole zoo). A method added to ``xvlm.methods.__all__`` with a ``configs/<method>/shapes.yaml``
+is covered without editing this file.
+
+Per config: ``xvlm fit``, ``--ckpt_path last`` resume, ``xvlm validate`` of the checkpoint (every logged metric
+finite, accuracies in [0, 1]); then, in process, the checkpoint's ``explain`` gives a finite map of the image size
+per image and its ``zero_shot_encoder()`` (when it has one) scores the unseen classes with LaZSL.
+"""
+
+import importlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from run_cli import xvlm as run_xvlm
+from test_method_configs import logged_rows
+
+import xvlm.methods
+from datamodules import ShapesDataModule
+from xvlm.methods import XVLMModule
+from xvlm.zeroshot import LaZSLSettings, descriptor_sentences, encode_descriptors, score_images
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*/shapes.yaml"))
+SIDE = 32
+CHEAP_CALLBACKS = {"max_batches": 1, "n_crops": 4, "steps": 4, "num_images": 2}
+RATES = ("val/", "lazsl/", "saliency/")
+CALLBACK_KEYS = {"LaZSL": "lazsl/", "SaliencyEvaluation": "saliency/"}
+#: Keys a shipped config is known to log, beyond what every method and its callbacks log (checked when present).
+KNOWN_KEYS = {
+    "clip": {"val/H", "val/zsl", "lazsl/H", "train/loss"},
+    "lico": {"val/acc", "val/seen_top1", "train/ce", "train/mm", "train/ot", "saliency/insertion",
+             "saliency/deletion", "saliency/overall", "saliency/mass_in_mask", "saliency/pointing",
+             "lazsl/unseen_top1"},
+}
+
+
+def method_classes() -> list[type]:
+    """The concrete methods ``xvlm.methods`` exports (the base template excluded)."""
+    classes = [getattr(xvlm.methods, name) for name in xvlm.methods.__all__]
+    return [c for c in classes if isinstance(c, type) and issubclass(c, XVLMModule) and c is not XVLMModule]
+
+
+def class_of(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def cheap(config: Path) -> dict:
+    """``config`` at 32 px with random weights, 16 images and cheap callbacks; everything else as shipped."""
+    run = yaml.safe_load(config.read_text())
+    run["model"]["init_args"].update(pretrained=None, input_size=SIDE)
+    run["data"]["init_args"].update(image_size=SIDE, batch_size=8, train_size=16, val_size=16, num_workers=0)
+    run["trainer"].update(accelerator="cpu", devices=1, max_epochs=1, enable_progress_bar=False,
+                          enable_model_summary=False, log_every_n_steps=1, limit_val_batches=1)
+    for callback in run["trainer"].get("callbacks", []):
+        args = callback.setdefault("init_args", {})
+        args.update({k: v for k, v in CHEAP_CALLBACKS.items() if k in args})
+    return run
+
+
+def test_every_method_has_a_shapes_config():
+    configured = {class_of(yaml.safe_load(c.read_text())["model"]["class_path"]) for c in CONFIGS}
+    assert method_classes(), "xvlm.methods exports no method"
+    missing = [c.__name__ for c in method_classes() if c not in configured]
+    assert not missing, f"methods without a configs/<method>/shapes.yaml: {missing}"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.parent.name for c in CONFIGS])
+def test_method_fits_resumes_validates_explains_and_scores_zero_shot(tmp_path, config):
+    run = cheap(config)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    one_step = ("--config", "run.yaml", "--run", "zoo", "--trainer.limit_train_batches", "1")
+    fitted = run_xvlm("fit", *one_step, cwd=tmp_path)
+    assert fitted.returncode == 0, fitted.stderr
+    resumed = run_xvlm("fit", *one_step, "--trainer.max_epochs", "2", "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    last = tmp_path / "checkpoints/zoo/last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 2)  # the resume went on from step 1
+    for name, tensor in checkpoint["state_dict"].items():
+        assert not tensor.is_floating_point() or bool(tensor.isfinite().all()), name
+    validated = run_xvlm("validate", "--config", "run.yaml", "--run", "zoo-val", "--ckpt_path", str(last),
+                         cwd=tmp_path)
+    assert validated.returncode == 0, validated.stderr
+
+    rows = logged_rows(tmp_path / "outputs/zoo/csv") + logged_rows(tmp_path / "outputs/zoo-val/csv")
+    logged = {key: float(value) for row in rows for key, value in row.items() if value and "/" in key}
+    callbacks = [c["class_path"].rpartition(".")[2] for c in run["trainer"].get("callbacks", [])]
+    prefixes = {"val/", "train/"} | {CALLBACK_KEYS[name] for name in callbacks if name in CALLBACK_KEYS}
+    assert all(any(key.startswith(prefix) for key in logged) for prefix in prefixes), (prefixes, sorted(logged))
+    assert KNOWN_KEYS.get(config.parent.name, set()) <= set(logged)
+    for key, value in logged.items():
+        assert math.isfinite(value), key
+        if key.startswith(RATES):
+            assert 0.0 <= value <= 1.0, (key, value)
+
+    module_class = class_of(run["model"]["class_path"])
+    module = module_class(**run["model"]["init_args"])
+    datamodule = ShapesDataModule(**run["data"]["init_args"])
+    datamodule.setup("validate")
+    module.attach_task(datamodule.task)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.eval()
+    batch = next(iter(datamodule.val_dataloader()))
+    explanation = module.explain(batch)
+    assert explanation["saliency"].shape == (len(batch["image"]), SIDE, SIDE)
+    assert bool(explanation["saliency"].isfinite().all())
+    assert explanation["logits"].shape == (len(batch["image"]), datamodule.task.num_classes)
+
+    encoder = module.zero_shot_encoder()
+    if encoder is None:
+        return
+    task = datamodule.task
+    names = [task.class_names[k] for k in task.unseen]
+    sentences, mask = descriptor_sentences(names, task.descriptors)
+    settings = LaZSLSettings(n_crops=4)
+    with torch.no_grad():
+        text = encode_descriptors(encoder, sentences, mask)
+        out = score_images(encoder, batch["image"], batch["index"], text, mask, settings)
+    assert out.scores.shape == (len(batch["image"]), len(task.unseen))
+    assert bool(out.scores.isfinite().all()) and bool(out.dclip_scores.isfinite().all())
