@@ -20,6 +20,7 @@ from datamodules.transforms import CLIP_MEAN, CLIP_STD
 from xvlm.cli import main
 from xvlm.explain import ExplanationGallery, render_explanation, sample_explanation, save_figure
 from xvlm.explain.gallery import explain_batch
+from xvlm.explain.explainers import explainer_names
 from xvlm.explain.render import DPI, PANEL_INCHES
 from xvlm.methods import CLIPFineTune
 
@@ -247,3 +248,41 @@ def test_explain_command_errors_name_the_bad_input(trained, monkeypatch, capsys,
     assert exit_info.value.code != 0
     assert named in capsys.readouterr().err
     assert not (trained / "out/error").exists()
+
+
+@pytest.mark.parametrize("name", explainer_names())
+def test_explain_command_renders_every_registered_explainer(trained, monkeypatch, capsys, name):
+    monkeypatch.chdir(trained)
+    out = f"out/explainer_{name}"
+    main(["explain", "--config", "tiny.yaml", "--ckpt_path", CKPT, "--split", "val", "--num_images", "1",
+          "--explainer", name, "--out", out])
+    assert capsys.readouterr().out.strip().endswith(out)
+    written = sorted((trained / out).iterdir())
+    assert [p.name for p in written] == ["val_00000.png"]
+    assert imread(written[0]).shape[:2] == (PANEL, 2 * PANEL)  # the image and its saliency panel
+
+
+def test_explain_command_refuses_an_unknown_explainer_listing_the_choices(trained, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", "--config", "tiny.yaml", "--ckpt_path", CKPT, "--explainer", "lime", "--out", "out/lime"])
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err
+    assert "invalid choice: 'lime'" in error
+    assert all(f"'{name}'" in error for name in ["module", "lazsl", *explainer_names()])
+    with pytest.raises(SystemExit):
+        main(["explain", "--config", "tiny.yaml", "--ckpt_path", CKPT, "--lazsl", "--explainer", "gradcam",
+              "--out", "out/both"])
+    assert "--lazsl and --explainer gradcam" in capsys.readouterr().err
+    assert not (trained / "out/lime").exists() and not (trained / "out/both").exists()
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_xvlm_help_lists_explain_next_to_the_lightning_subcommands(capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main([flag])
+    assert exit_info.value.code in (0, None)
+    text = capsys.readouterr().out
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert f"    {subcommand} " in text
+    assert "    explain " in text and "xvlm explain --help" in text

@@ -1,6 +1,7 @@
 """LICO: its two losses against direct references, its prompts, its gradients, and its encoders."""
 
 import math
+import re
 
 import numpy as np
 import ot
@@ -161,20 +162,46 @@ def test_classifier_scores_seen_classes_only_and_rejects_unseen_training_labels(
         module.losses(batch)
 
 
+def class_activation_map(module: LICO, maps: torch.Tensor, predicted: torch.Tensor, side: int) -> torch.Tensor:
+    """``relu(Σ_k W_ck F_k)`` of the linear head on ``GAP(F)``, upsampled bilinearly and divided by its maximum."""
+    weights = module.head.weight[module.seen_position[predicted]]
+    cam = torch.relu(torch.einsum("bk,bkhw->bhw", weights, maps))
+    cam = F.interpolate(cam[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+    return cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+
+
 def test_explain_gives_the_gradcam_of_the_predicted_class(shapes):
-    module = make_lico(shapes).eval()
+    # With a timm encoder Grad-CAM's layer is F itself; with a linear head on GAP(F), Grad-CAM is the class
+    # activation map relu(Σ_k w_ck F_k), up to scale (deviation 12).
+    module = make_lico(shapes, image_encoder="timm:resnet18", input_size=64,
+                       encoder_kwargs={"output_stride": 8}).eval()
+    assert module.explainer_name == "gradcam"
     batch = first_batch(shapes)
     with torch.no_grad():
         out = module.explain(batch)
         maps = module.feature_maps(batch["image"])
+    assert maps.shape[-2:] == (8, 8)
     assert out["saliency"].shape == (6, 64, 64)
     assert torch.equal(out["predicted"], module.classify(batch["image"]).argmax(dim=1))
-    # With a linear head on GAP(F), Grad-CAM is the class activation map relu(Σ_k w_ck F_k), up to scale.
-    weights = module.head.weight[module.seen_position[out["predicted"]]]
-    cam = torch.relu(torch.einsum("bk,bkhw->bhw", weights, maps))
-    cam = F.interpolate(cam[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
-    cam = cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    assert torch.allclose(out["saliency"], cam, atol=1e-4)
+    assert torch.allclose(out["saliency"], class_activation_map(module, maps, out["predicted"], 64), atol=1e-4)
+
+
+def test_explainer_option_selects_any_registered_explainer_and_checks_the_tower(shapes):
+    from xvlm.explain.explainers import attribution_maps
+
+    module = make_lico(shapes, explainer="gradcam++").eval()
+    batch = first_batch(shapes)
+    with torch.no_grad():
+        out = module.explain(batch)
+    expected = attribution_maps(module, batch["image"], out["predicted"], "gradcam++")
+    assert torch.equal(out["saliency"], expected)
+    assert not torch.equal(out["saliency"], attribution_maps(module, batch["image"], out["predicted"], "gradcam"))
+    with pytest.raises(ValueError, match=re.escape("unknown explainer 'gradcam+'; choose one of saliency, ")):
+        make_lico(shapes, explainer="gradcam+")
+    with pytest.raises(ValueError, match="'attention_rollout' needs an open_clip ViT.*timm:resnet18"):
+        make_lico(shapes, explainer="attention_rollout", image_encoder="timm:resnet18", input_size=64)
+    with pytest.raises(TypeError, match="saliency"):  # the former option is gone, not silently ignored
+        make_lico(shapes, saliency="gradcam++")
 
 
 def test_timm_encoder_uses_its_channels_as_tokens_and_has_no_zero_shot_encoder(shapes):
@@ -241,3 +268,12 @@ def test_init_weights_fill_the_task_dependent_parts_too(shapes, tmp_path):
     copy = make_lico(shapes, init_weights=str(tmp_path / "source.ckpt"))
     for name in ("head.weight", "prompts.context", "mapper.0.weight", "backbone.clip.visual.proj"):
         assert torch.equal(copy.state_dict()[name], source.state_dict()[name]), name
+
+
+def test_building_with_a_timm_encoder_leaves_its_batch_norm_statistics_and_mode_alone():
+    module = LICO(image_encoder="timm:resnet18", input_size=32, model="xvlm-tiny", pretrained=None, n_ctx=2,
+                  mapper_hidden=8)  # a 1 x 1 feature map: a train-mode probe would fail in batch norm
+    tower = module.backbone.image_tower.model
+    assert torch.equal(tower.bn1.running_mean, torch.zeros_like(tower.bn1.running_mean))
+    assert int(tower.bn1.num_batches_tracked) == 0
+    assert module.training and tower.training

@@ -10,7 +10,13 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from datamodules import ShapesDataModule
-from xvlm.explain import SaliencyEvaluation, grad_cam, grad_cam_plus_plus, tokens_to_map
+from xvlm.explain import (
+    SaliencyEvaluation,
+    grad_cam_plus_plus,
+    layer_grad_cam,
+    layer_grad_cam_plus_plus,
+    tokens_to_map,
+)
 from xvlm.methods import CLIPFineTune
 from xvlm.metrics import (
     SaliencyMetrics,
@@ -35,19 +41,31 @@ def region(size: int, rows: slice, cols: slice) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- Grad-CAM
+class FeatureHead(nn.Module):
+    """``features -> head(GAP(features))``: Grad-CAM of ``self.layer`` (an identity) is Grad-CAM of the features."""
+
+    def __init__(self, head: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = nn.Identity()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layer(features).mean(dim=(2, 3)) @ self.head.T
+
+
 def test_grad_cam_of_a_linear_pooled_head_is_the_hand_weighted_feature_sum():
     g = torch.Generator().manual_seed(0)
-    features = torch.randn(3, 5, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(3, 5, 4, 6, generator=g, dtype=torch.float64)
     head = torch.randn(7, 5, generator=g, dtype=torch.float64)
     target = torch.tensor([2, 0, 6])
-    score = (features.mean(dim=(2, 3)) @ head.T)[torch.arange(3), target]
+    model = FeatureHead(head)
 
-    maps = grad_cam(features, score, retain_graph=True)
-    upsampled = grad_cam(features, score, size=(8, 12))
+    maps = layer_grad_cam(model, model.layer, features, target)  # captum's LayerGradCam
+    upsampled = layer_grad_cam(model, model.layer, features, target, size=(8, 12))
 
     # d score / d A_k,ij = v_k / (hw) everywhere, so w_k = v_k / (hw) for the sample's own class.
     weights = head[target] / (4 * 6)
-    expected = sum(weights[:, k, None, None] * features.detach()[:, k] for k in range(5)).clamp_min(0)
+    expected = sum(weights[:, k, None, None] * features[:, k] for k in range(5)).clamp_min(0)
     torch.testing.assert_close(maps, normalised(expected))
     resized = F.interpolate(expected[:, None], size=(8, 12), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(upsampled, normalised(resized))
@@ -62,11 +80,14 @@ def test_grad_cam_finds_the_only_region_with_evidence():
     head = nn.Linear(4, 2)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 2.0, 0.5, 1.0], [-1.0, 0.0, 0.0, 0.0]]))
+    features = nn.Sequential(conv, nn.ReLU())
 
-    features = conv(image).relu()
-    score = head(features.mean(dim=(2, 3)))[:, 0]
-    maps = grad_cam(features, score, retain_graph=True)
-    large = grad_cam(features, score, size=(32, 32))
+    def classify(images: torch.Tensor) -> torch.Tensor:
+        return head(features(images).mean(dim=(2, 3)))
+
+    target = torch.tensor([0])
+    maps = layer_grad_cam(classify, features, image, target)
+    large = layer_grad_cam(classify, features, image, target, size=(32, 32))
 
     torch.testing.assert_close(maps[0], region(8, slice(5, 7), slice(1, 4)))
     peak = divmod(int(large[0].argmax()), 32)
@@ -111,26 +132,44 @@ def test_grad_cam_plus_plus_of_a_linear_pooled_head():
     torch.testing.assert_close(maps[0], expected / expected.max())
 
 
-def test_grad_cam_needs_a_graph_but_not_grad_mode_and_leaves_parameter_grads_alone():
+def test_layer_grad_cam_plus_plus_is_the_closed_form_on_the_layers_output():
+    torch.manual_seed(3)
+    features = nn.Sequential(nn.Conv2d(3, 4, kernel_size=3, padding=1), nn.Softplus())
+    head = nn.Linear(4, 3)
+
+    def classify(images: torch.Tensor) -> torch.Tensor:
+        return head(features(images).square().mean(dim=(2, 3)))  # not linear in A: Grad-CAM++ ≠ Grad-CAM
+
+    images, target = torch.randn(2, 3, 6, 6), torch.tensor([2, 0])
+    maps = layer_grad_cam_plus_plus(classify, features, images, target, size=(12, 12))
+    activations = features(images)
+    score = head(activations.square().mean(dim=(2, 3))).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(maps, grad_cam_plus_plus(activations, score, size=(12, 12)))
+    assert not torch.allclose(maps, layer_grad_cam(classify, features, images, target, size=(12, 12)))
+
+
+def test_grad_cam_needs_no_grad_mode_and_leaves_parameter_grads_alone():
     layer = nn.Conv2d(3, 2, kernel_size=3, padding=1)
     images = torch.randn(2, 3, 6, 6)
+    target = torch.zeros(2, dtype=torch.long)
+
+    def classify(x: torch.Tensor) -> torch.Tensor:
+        return layer(x).sum(dim=(1, 2, 3))[:, None]
+
     with torch.no_grad():
-        with torch.enable_grad():
-            features = layer(images)
-            score = features.sum(dim=(1, 2, 3))
-        maps = grad_cam(features, score, retain_graph=True)
-        plus = grad_cam_plus_plus(features, score)
+        maps = layer_grad_cam(classify, layer, images, target)
+        plus = layer_grad_cam_plus_plus(classify, layer, images, target)
         assert maps.shape == plus.shape == (2, 6, 6) and maps.amax(dim=(1, 2)).tolist() == [1.0, 1.0]
         untracked = layer(images)
-    assert layer.weight.grad is None
+    assert layer.weight.grad is None and not images.requires_grad
     with pytest.raises(ValueError, match="enable_grad"):
-        grad_cam(untracked, untracked.sum(dim=(1, 2, 3)))
+        grad_cam_plus_plus(untracked, untracked.sum(dim=(1, 2, 3)))
 
 
 def test_all_zero_maps_stay_zero():
-    features = torch.rand(1, 2, 3, 3, requires_grad=True)
-    score = -(features.mean(dim=(2, 3)).sum(dim=1))  # every weight negative: relu kills the whole map
-    assert grad_cam(features, score, size=(6, 6)).abs().sum() == 0
+    features = torch.rand(1, 2, 3, 3)
+    model = FeatureHead(-torch.ones(1, 2))  # every weight negative: relu kills the whole map
+    assert layer_grad_cam(model, model.layer, features, torch.tensor([0]), size=(6, 6)).abs().sum() == 0
 
 
 def test_tokens_to_map_puts_token_n_at_row_n_div_w_column_n_mod_w():
@@ -332,13 +371,10 @@ class TinyGradCAM(L.LightningModule):
 
     def explain(self, batch: dict) -> dict:
         images = batch["image"]
-        with torch.enable_grad():
-            features = self.features(images)
-            logits = self.head(features.mean(dim=(2, 3)))
-            predicted = logits.argmax(dim=1)
-            score = logits.gather(1, predicted[:, None])[:, 0]
-        return {"saliency": grad_cam(features, score, images.shape[-2:]), "predicted": predicted,
-                "logits": logits.detach()}
+        logits = self.classify(images)
+        predicted = logits.argmax(dim=1)
+        saliency = layer_grad_cam(self.classify, self.features, images, predicted, images.shape[-2:])
+        return {"saliency": saliency, "predicted": predicted, "logits": logits.detach()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return F.cross_entropy(self.classify(batch["image"]), batch["label"])
@@ -379,8 +415,11 @@ def assert_untouched(before: Snapshot, after: Snapshot) -> None:
 
 
 # Validation inside fit runs under no_grad, trainer.validate under inference mode: Grad-CAM must work in both.
-@pytest.mark.parametrize(("method", "stages"), [("grad_cam", ("fit", "validate")), ("clip", ("fit",))])
-def test_callback_logs_saliency_scores_without_touching_the_module(method, stages):
+# A named explainer (here Grad-CAM of the ViT) is scored instead of the module's own explain.
+@pytest.mark.parametrize(("method", "stages", "explainer"),
+                         [("grad_cam", ("fit", "validate"), None), ("clip", ("fit",), None),
+                          ("clip", ("validate",), "gradcam")])
+def test_callback_logs_saliency_scores_without_touching_the_module(method, stages, explainer):
     torch.manual_seed(0)
     data = ShapesDataModule(task="attributes", image_size=32, batch_size=8, train_size=16, val_size=16, augment=False)
     if method == "grad_cam":
@@ -391,7 +430,7 @@ def test_callback_logs_saliency_scores_without_touching_the_module(method, stage
         before, after = Snapshot(), Snapshot()
         trainer = L.Trainer(max_steps=2, max_epochs=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                            callbacks=[before, SaliencyEvaluation(max_batches=1, steps=4), after])
+                            callbacks=[before, SaliencyEvaluation(max_batches=1, steps=4, explainer=explainer), after])
         getattr(trainer, stage)(model, datamodule=data)
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("saliency/")}

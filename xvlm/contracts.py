@@ -24,10 +24,15 @@ class ExplainableModule(Protocol):
 
     Attributes:
         task: the label space the module was attached to (``None`` before ``setup``).
+        backbone: the towers the explainers of :mod:`xvlm.explain.explainers` look into (``image_tower``,
+            ``text_aligned_images``; the ViT stepper ``embed_patches``/``run_blocks``/``project_tokens``). A module
+            may also have ``class_text_features(classes) -> [len(classes), D]`` unit-norm class text features, which
+            the text-based explainers then use instead of the default prompt.
         device: where the module's parameters live.
     """
 
     task: Task | None
+    backbone: VisionLanguageModel
 
     @property
     def device(self) -> torch.device: ...

@@ -1,8 +1,8 @@
 """The ``xvlm`` command: a thin ``LightningCLI`` subclass that only wires things.
 
 ``xvlm fit|validate|test|predict --config configs/<method>/<dataset>.yaml [--run NAME]``; ``xvlm explain ...``
-(:mod:`xvlm.cli.explain`). The CLI is the top layer: it may import methods, callbacks and datamodules; nothing
-below imports it.
+(:mod:`xvlm.cli.explain`, listed at the end of ``xvlm --help``). The CLI is the top layer: it may import methods,
+callbacks and datamodules; nothing below imports it.
 
 - Every run has a name (``--run``); its checkpoints go to ``<checkpoint_dir>/<run>/`` (a fixed folder, so
   ``--ckpt_path last`` always finds the run's ``last.ckpt``) and its CSV/TensorBoard logs to
@@ -37,6 +37,12 @@ from xvlm.cli.explain import explain_command  # noqa: E402
 from xvlm.methods import XVLMModule  # noqa: E402
 
 TRAINER_DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": "auto", "log_every_n_steps": 10}
+EXPLAIN_HELP = """
+other subcommands:
+    explain             Render a trained module's explanations of chosen images as PNG files, with its own
+                        explainer or any --explainer NAME. Run `xvlm explain --help` for its arguments.
+"""
+"""Appended to ``xvlm --help``: ``explain`` is not a ``LightningCLI`` subcommand (main dispatches it first)."""
 
 
 def run_dir(root: str, run: str) -> str:
@@ -147,6 +153,13 @@ def main(args: list[str] | None = None) -> None:
     )
     if argv[:1] == ["explain"]:
         explain_command(argv[1:], partial(cli, run=False))
+    elif argv[:1] in (["-h"], ["--help"]):
+        try:
+            cli(args=args)
+        except SystemExit as exit_info:
+            if exit_info.code in (0, None):
+                print(EXPLAIN_HELP, end="")
+            raise
     else:
         cli(args=args)  # None: LightningCLI reads sys.argv itself (and warns when given both)
 

@@ -1,13 +1,16 @@
 """``xvlm explain``: render a trained module's explanations of chosen images as PNG files.
 
 ``xvlm explain --config <cfg.yaml> --ckpt_path <file> [--images a.png b.jpg ... | --split val|test]
-[--num_images 8] --out <folder>``
+[--num_images 8] [--explainer <name>] --out <folder>``
 
 The model and datamodule are built from the training run's own config by the ``xvlm`` Lightning CLI (without
 running it), the datamodule's task is attached to the model and the checkpoint's weights are loaded (a checkpoint
 of another module class is refused). Image files are read with PIL, resized to the module's ``input_side`` and
 CLIP-normalised; without ``--images`` the first ``--num_images`` samples of ``--split`` (default ``val``) are
 explained. One PNG per image goes to ``--out``: ``<split>_<index>.png`` or ``<position>_<file stem>.png``.
+``--explainer`` picks the maps: the module's own ``explain`` (its configured explainer) by default, ``lazsl``
+(LaZSL's per-descriptor region heat maps, with the settings of the config's LaZSL callback; ``--lazsl`` is the
+same), or any registered explainer (:mod:`xvlm.explain.explainers`) of the predicted class.
 Any other argument (``--model.init_args.templates ...``) goes to the CLI's parser, as in ``xvlm fit``.
 """
 
@@ -27,11 +30,11 @@ from PIL import Image
 
 from datamodules.transforms import eval_transform
 from xvlm.checkpointing import check_checkpoint_class, class_path
-from xvlm.explain.gallery import first_samples, render_batch, sample_names
+from xvlm.explain.explainers import check_explainer, explainer_names
+from xvlm.explain.gallery import first_samples, named_explainer, render_batch, sample_names
 from xvlm.explain.render import save_figure
 from xvlm.methods.base import XVLMModule
 from xvlm.zeroshot import lazsl_settings_of
-from xvlm.zeroshot.regions import lazsl_explainer
 
 STAGES = {"images": "predict", "val": "validate", "test": "test"}
 """Datamodule ``setup`` stage per source of images."""
@@ -49,9 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--split", choices=("val", "test"), default="val", help="Split to explain (default val).")
     parser.add_argument("--num_images", type=int, default=8, help="Samples of --split to explain (default 8).")
     parser.add_argument("--out", required=True, help="Folder of the PNG files.")
-    parser.add_argument("--lazsl", action="store_true",
-                        help="Explain with LaZSL on the module's zero-shot towers: per-descriptor region heat maps, "
-                             "with the settings of the config's LaZSL callback (defaults without one).")
+    choices = ["module", "lazsl", *explainer_names()]
+    parser.add_argument("--explainer", choices=choices, default=None, metavar="NAME",
+                        help="Maps to render: 'module' (default: the module's own explain, i.e. its configured "
+                             "explainer), 'lazsl' (LaZSL's per-descriptor region heat maps with the settings of the "
+                             "config's LaZSL callback, defaults without one), or a registered explainer of the "
+                             f"predicted class. Choices: {', '.join(choices)}.")
+    parser.add_argument("--lazsl", action="store_true", help="Same as --explainer lazsl.")
     return parser
 
 
@@ -103,6 +110,9 @@ def explain_command(argv: Sequence[str], build_cli: Callable[..., LightningCLI])
             parser.error(f"file '{path}' does not exist")
     if args.num_images < 1:
         parser.error(f"--num_images must be at least 1; got {args.num_images}")
+    if args.lazsl and args.explainer not in (None, "lazsl"):
+        parser.error(f"--lazsl and --explainer {args.explainer} ask for different maps; give one of them")
+    explainer_name = "lazsl" if args.lazsl else args.explainer or "module"
 
     cli = build_cli(args=["--config", args.config, *overrides])
     model, datamodule = cli.model, cli.datamodule
@@ -119,7 +129,12 @@ def explain_command(argv: Sequence[str], build_cli: Callable[..., LightningCLI])
 
     model.to(cli.trainer.strategy.root_device)
     out = Path(args.out)
-    explainer = lazsl_explainer(model, lazsl_settings_of(cli.trainer.callbacks)) if args.lazsl else None
+    try:
+        explainer = named_explainer(model, explainer_name, lazsl_settings_of(cli.trainer.callbacks))
+        if explainer_name not in ("module", "lazsl"):
+            check_explainer(explainer_name, model)
+    except ValueError as error:
+        parser.error(str(error))
     for start in range(0, len(names), CHUNK):
         part = {key: value[start : start + CHUNK] for key, value in batch.items()}
         part_names = names[start : start + CHUNK]

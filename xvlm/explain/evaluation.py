@@ -1,6 +1,7 @@
 """Saliency evaluation during training: how faithful and how well placed a method's ``explain`` maps are.
 
-:class:`SaliencyEvaluation` scores ``pl_module.explain(batch)["saliency"]`` for the predicted class against
+:class:`SaliencyEvaluation` scores ``pl_module.explain(batch)["saliency"]`` (or the maps of a named explainer,
+:mod:`xvlm.explain.explainers`) for the predicted class against
 ``pl_module.classify`` with the metrics of :mod:`xvlm.metrics.saliency` (insertion/deletion AUCs, and mass in mask
 and pointing game where batches carry a ``mask``), after validation epochs. The module is used through the
 :class:`xvlm.contracts.ExplainableModule` protocol only.
@@ -18,6 +19,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 
 from xvlm.contracts import ExplainableModule
+from xvlm.explain.explainers import explain_with, get_explainer
 from xvlm.explain.gallery import explain_batch, split_loader
 from xvlm.metrics.saliency import SaliencyMetrics, saliency_scores
 
@@ -40,13 +42,19 @@ class SaliencyEvaluation(Callback):
         split: datamodule split the samples come from.
         blur_kernel: Gaussian kernel side of the insertion start image.
         blur_sigma: its standard deviation in pixels.
+        explainer: the explainer whose maps are scored (a name of :data:`~xvlm.explain.explainers.EXPLAINERS`);
+            ``None`` scores the module's own ``explain`` (its configured explainer).
     """
 
     def __init__(self, max_batches: int = 2, steps: int = 16, every_n_epochs: int = 1,
-                 split: Literal["val", "test"] = "val", blur_kernel: int = 11, blur_sigma: float = 5.0) -> None:
+                 split: Literal["val", "test"] = "val", blur_kernel: int = 11, blur_sigma: float = 5.0,
+                 explainer: str | None = None) -> None:
         if max_batches < 1 or steps < 1 or every_n_epochs < 1:
             raise ValueError(f"SaliencyEvaluation needs max_batches, steps and every_n_epochs >= 1; got "
                              f"{max_batches}, {steps} and {every_n_epochs}")
+        if explainer is not None:
+            get_explainer(explainer)  # an unknown name fails here, listing the choices
+        self.explainer = explainer
         self.max_batches = max_batches
         self.every_n_epochs = every_n_epochs
         self.split = split
@@ -61,10 +69,14 @@ class SaliencyEvaluation(Callback):
         return self._batches
 
     def _scorer(self, module: ExplainableModule) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]:
-        """``batch -> saliency_scores`` of ``module.explain(batch)`` for its predicted classes."""
+        """``batch -> saliency_scores`` of ``module.explain(batch)`` (or of the named explainer) for its predicted
+        classes."""
 
         def score(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-            explanation = module.explain(batch)
+            if self.explainer is None:
+                explanation = module.explain(batch)
+            else:
+                explanation = explain_with(module, batch, self.explainer)
             return saliency_scores(module.classify, batch["image"], explanation["saliency"],
                                    explanation["predicted"], batch.get("mask"), **self.curve_options)
 

@@ -3,15 +3,18 @@
 :class:`ExplanationGallery` does it after validation epochs; ``xvlm explain`` (:mod:`xvlm.cli.explain`) does
 it once from a checkpoint. Both call a module's ``explain(batch)`` through :func:`explain_batch`: in eval mode
 under ``torch.no_grad()`` but outside inference mode, so a method that needs gradients (Grad-CAM) can turn them on
-with ``torch.enable_grad()`` inside ``explain``. Modules are used through the
-:class:`xvlm.contracts.ExplainableModule` protocol only. LaZSL galleries explain with the trainer's LaZSL callback
-settings (:func:`xvlm.zeroshot.lazsl_settings_of`), so their maps explain the logged scores.
+with ``torch.enable_grad()`` inside ``explain``. Instead of the module's own ``explain``, both can render a named
+explainer (:func:`named_explainer`: ``lazsl`` or any of :data:`xvlm.explain.explainers.EXPLAINERS`). Modules are
+used through the :class:`xvlm.contracts.ExplainableModule` protocol only. LaZSL galleries explain with the
+trainer's LaZSL callback settings (:func:`xvlm.zeroshot.lazsl_settings_of`), so their maps explain the logged
+scores.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -22,6 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 
 from xvlm.contracts import ExplainableModule
+from xvlm.explain.explainers import explain_with, explainer_names
 from xvlm.explain.render import render_explanation, sample_explanation, save_figure
 from xvlm.zeroshot.lazsl import LaZSLSettings, evaluating, lazsl_settings_of
 from xvlm.zeroshot.regions import lazsl_explainer
@@ -61,6 +65,26 @@ def sample_names(batch: dict[str, Any], prefix: str) -> list[str]:
     """``"<prefix>_<index>"`` per sample: the dataset ``index`` when the batch has one, else the position."""
     indices = batch["index"].tolist() if "index" in batch else range(len(batch["image"]))
     return [f"{prefix}_{int(index):05d}" for index in indices]
+
+
+def gallery_explainers() -> list[str]:
+    """What a gallery or ``xvlm explain`` can render: ``module`` (the module's own ``explain``), ``lazsl`` and every
+    registered explainer."""
+    return ["module", "lazsl", *explainer_names()]
+
+
+def named_explainer(
+    module: ExplainableModule, name: str, lazsl: LaZSLSettings | None = None
+) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """``batch -> explanation`` by ``name`` (one of :func:`gallery_explainers`): ``None`` for ``module`` (the module's
+    own ``explain``), LaZSL's region maps with ``lazsl`` settings for ``lazsl``, else the registered explainer."""
+    if name == "module":
+        return None
+    if name == "lazsl":
+        return lazsl_explainer(module, lazsl)
+    if name not in explainer_names():
+        raise ValueError(f"unknown explainer {name!r}; choose one of {', '.join(gallery_explainers())}")
+    return partial(explain_with, module, explainer=name)
 
 
 def explain_batch(
@@ -114,18 +138,22 @@ class ExplanationGallery(Callback):
         num_images: samples in the gallery.
         split: datamodule split the samples come from.
         out_dir: root folder of the epoch folders.
-        explainer: ``module`` renders the method's own ``explain``; ``lazsl`` renders LaZSL's per-descriptor region
-            heat maps of the module's zero-shot towers.
+        explainer: ``module`` renders the method's own ``explain`` (its configured explainer); ``lazsl`` renders
+            LaZSL's per-descriptor region heat maps of the module's zero-shot towers; any name of
+            :data:`~xvlm.explain.explainers.EXPLAINERS` renders that explainer's map of the predicted class.
         lazsl: LaZSL settings of ``explainer='lazsl'`` for trainers without a LaZSL callback (YAML:
             ``lazsl: {theta: 0.5}``).
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8, split: Literal["val", "test"] = "val",
-                 out_dir: str | None = None, explainer: Literal["module", "lazsl"] = "module",
+                 out_dir: str | None = None, explainer: str = "module",
                  lazsl: LaZSLSettings | None = None) -> None:
         if every_n_epochs < 1 or num_images < 1:
             raise ValueError(f"ExplanationGallery needs every_n_epochs >= 1 and num_images >= 1; got "
                              f"{every_n_epochs} and {num_images}")
+        choices = gallery_explainers()
+        if explainer not in choices:
+            raise ValueError(f"ExplanationGallery(explainer={explainer!r}): choose one of {', '.join(choices)}")
         if lazsl is not None and explainer != "lazsl":
             raise ValueError(f"ExplanationGallery(lazsl=...) sets LaZSL options, which only explainer='lazsl' uses; "
                              f"got explainer={explainer!r}")
@@ -153,6 +181,10 @@ class ExplanationGallery(Callback):
                              "gallery's lazsl (it then uses the callback's) or make the two equal.")
         self._lazsl_settings = logged if logged is not None else self.lazsl
 
+    def _explainer(self, module: ExplainableModule) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        """``batch -> explanation`` of the gallery's explainer (``None``: the module's own ``explain``)."""
+        return named_explainer(module, self.explainer, self._lazsl_settings)
+
     def _samples(self, trainer: L.Trainer) -> dict[str, Any]:
         if self._batch is None:
             with torch.inference_mode(False):
@@ -169,8 +201,7 @@ class ExplanationGallery(Callback):
         names = sample_names(batch, self.split)
         folder = root / f"epoch_{trainer.current_epoch:03d}"
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        explainer = lazsl_explainer(pl_module, self._lazsl_settings) if self.explainer == "lazsl" else None
-        for name, figure in zip(names, render_batch(pl_module, batch, names, explainer)):
+        for name, figure in zip(names, render_batch(pl_module, batch, names, self._explainer(pl_module))):
             save_figure(figure, folder / f"{name}.png")
             for logger in loggers:
                 logger.experiment.add_figure(f"gallery/{name}", figure, global_step=trainer.global_step, close=False)

@@ -11,6 +11,8 @@
   class prompts; a method with its own classifier overrides ``classify``. :class:`~xvlm.metrics.GZSLMetrics`
   gives ``val/S``, ``val/U``, ``val/H``, ``val/zsl``, ``val/seen_top1``. A closed-set classifier
   (``classifies_unseen = False``) is scored on images of seen classes only and also logs ``val/acc``.
+- **Explanation**: :meth:`XVLMModule.explain` is the registry explainer named by ``explainer`` (default: the
+  method's class attribute ``default_explainer``) on :meth:`XVLMModule.classify` (:mod:`xvlm.explain.explainers`).
 - **Optimisation**: AdamW (or SGD) without weight decay on gains, biases and embeddings; the parts a method adds
   (heads, prompts, adapters) may get their own learning rate ``head_lr``; linear warm-up then cosine decay.
 - **Checkpoints** record the module class (a checkpoint of another class is refused) and the RNG states (resumed
@@ -39,6 +41,7 @@ from xvlm.checkpointing import (
     load_weights,
     restore_rng_state,
 )
+from xvlm.explain.explainers import check_explainer, explain_with, get_explainer
 from xvlm.metrics import GZSLMetrics
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -68,11 +71,15 @@ class XVLMModule(L.LightningModule):
         warmup_steps: linear warm-up steps before cosine decay.
         optimizer: ``adamw`` or ``sgd`` (Nesterov-free SGD with ``momentum``, the recipe of CNN classifiers).
         momentum: SGD momentum.
+        explainer: the explainer of :meth:`explain` (a name of :data:`xvlm.explain.explainers.EXPLAINERS`);
+            ``None`` uses the method's :attr:`default_explainer`.
     """
 
     #: Whether :meth:`classify` scores unseen classes (zero-shot heads do; a classifier over seen classes does not,
     #: and is then evaluated on images of seen classes only).
     classifies_unseen: bool = True
+    #: The explainer of :meth:`explain` when ``explainer`` is not given (a registry name).
+    default_explainer: str = "patch_prompt"
 
     def __init__(
         self,
@@ -91,10 +98,13 @@ class XVLMModule(L.LightningModule):
         warmup_steps: int = 50,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         momentum: float = 0.9,
+        explainer: str | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer={optimizer!r}: choose 'adamw' or 'sgd'")
+        self.explainer_name = explainer or self.default_explainer
+        get_explainer(self.explainer_name)  # an unknown name fails here, listing the choices
         self.save_hyperparameters()
         self.backbone = VisionLanguageModel(model, pretrained, freeze, input_size, image_encoder=image_encoder,
                                             encoder_weights=encoder_weights, encoder_kwargs=encoder_kwargs)
@@ -104,6 +114,7 @@ class XVLMModule(L.LightningModule):
         self.test_metrics: GZSLMetrics | None = None
         self._class_text: torch.Tensor | None = None
         self._init_weights_loaded = False
+        check_explainer(self.explainer_name, self)  # ... and one the image tower cannot serve
 
     @property
     def input_side(self) -> int:
@@ -142,23 +153,10 @@ class XVLMModule(L.LightningModule):
     on_train_epoch_start = on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = _drop_class_text
 
     def explain(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Patch–class similarity map of the predicted class (contract 4).
-
-        ``saliency [B, H, W]`` = cosine between each projected patch token and the predicted class's text
-        feature, min–max normalised per image and upsampled bilinearly; ``predicted [B]``; ``logits [B, C]``.
-        """
-        images = batch["image"]
-        text = self._text_for_scoring()
-        logits = self.classify(images)
-        predicted = logits.argmax(dim=1)
-        tokens = self.backbone.encode_image_tokens(images, layers=1)
-        patches = self.backbone.project_tokens(tokens.patches[-1])
-        sim = torch.einsum("bnd,bd->bn", patches, text[predicted]).view(-1, 1, *tokens.grid)
-        low = sim.amin(dim=(2, 3), keepdim=True)
-        high = sim.amax(dim=(2, 3), keepdim=True)
-        sim = (sim - low) / (high - low).clamp_min(1e-8)
-        saliency = F.interpolate(sim, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        return {"saliency": saliency, "predicted": predicted, "logits": logits}
+        """Saliency of the predicted class by the module's explainer (contract 4): ``saliency [B, H, W]``,
+        ``predicted [B]``, ``logits [B, C]`` (:func:`xvlm.explain.explainers.explain_with` with
+        :attr:`explainer_name`)."""
+        return explain_with(self, batch, self.explainer_name)
 
     # ----------------------------------------------------------------- task and text
     def setup(self, stage: str) -> None:

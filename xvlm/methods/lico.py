@@ -18,10 +18,11 @@ visual tokens ``[N, d']``.
   2 − 2 cos`` between unit-norm visual and language tokens and the entropic plan ``P*`` of uniform marginals,
   computed without gradient (:func:`optimal_transport_loss`).
 
-Inference uses no text: :meth:`LICO.classify` is the classifier; :meth:`LICO.explain` returns Grad-CAM (or
-Grad-CAM++) maps of the predicted class on ``F``. ``F`` is the backbone's
-:meth:`~xvlm.backbones.VisionLanguageModel.feature_maps`: with the CLIP image tower of ``model``
-(``image_encoder='clip'``) its last block's patch tokens projected into the joint space and laid out as
+Inference uses no text: :meth:`LICO.classify` is the classifier; ``explain`` is the shared one of
+:class:`~xvlm.methods.base.XVLMModule` with LICO's default explainer ``gradcam`` (Grad-CAM of the predicted
+class; ``explainer`` selects any other of :mod:`xvlm.explain.explainers`, e.g. ``gradcam++``; deviation 12).
+``F`` is the backbone's :meth:`~xvlm.backbones.VisionLanguageModel.feature_maps`: with the CLIP image tower of
+``model`` (``image_encoder='clip'``) its last block's patch tokens projected into the joint space and laid out as
 ``[B, D, h, w]``, so ``N = D`` and ``d' = h·w``; with a timm model (``image_encoder='timm:<name>'``, a base
 argument) ``forward_features``. With the CLIP tower, :meth:`zero_shot_encoder` returns the fine-tuned towers for
 LaZSL; with a timm encoder there is no text-aligned image embedding and it returns ``None`` (LaZSL then skips).
@@ -49,6 +50,12 @@ Deviations from the reference code (ymLeiFDU/LICO) and from the letter of the pa
 10. No unused parameters (the reference's ``logit_scale`` and 768→512 layer) and no hidden training noise.
 11. Not implemented: the ``per_token`` language-token mode (one prompt per class, per-position outputs); the
     ``variants`` mode the authors describe is the only one.
+12. Grad-CAM is the shared ``gradcam`` explainer (captum's ``LayerGradCam`` on the image tower), not a LICO-own
+    Grad-CAM on ``F``. With a timm encoder its layer is the encoder's output feature map, which is ``F``, so the
+    map is the class activation map ``relu(Σ_k W_ck F_k)`` of the linear head, as in the reference (Grad-CAM on
+    the last convolutional stage). With the CLIP tower its layer is the patch tokens entering the last block (the
+    layer every method's Grad-CAM uses; a class-token-pooled tower has no gradient on the last block's output),
+    not ``F = ln_post(x_L) P``: the map also covers the last block's own attention and MLP.
 """
 
 from __future__ import annotations
@@ -61,14 +68,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.task import Task
-from xvlm.explain.saliency import grad_cam, grad_cam_plus_plus
 from xvlm.methods.base import XVLMModule
 from xvlm.ot import sinkhorn
 from xvlm.prompts import SoftPrompts
+from xvlm.zeroshot.lazsl import evaluating
 
 MM_SCALE_INIT = math.log(1 / 0.07)
 MM_SCALE_MAX = math.log(100.0)
-SALIENCY = {"gradcam": grad_cam, "gradcam++": grad_cam_plus_plus}
 
 
 def log_affinity(features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -136,13 +142,14 @@ class LICO(XVLMModule):
         ot_eps: Sinkhorn regulariser.
         ot_max_iter: most Sinkhorn iterations.
         ot_tol: Sinkhorn tolerance on the row marginals.
-        saliency: ``gradcam`` or ``gradcam++`` for :meth:`explain`.
         **kwargs: :class:`XVLMModule` arguments (``model`` is the open_clip model whose text tower encodes the
             prompts; ``image_encoder``, ``input_size`` — required for a timm encoder, it fixes ``d' = h·w`` —,
-            ``head_lr`` for LICO's own parts, optimiser, ``init_weights``).
+            ``head_lr`` for LICO's own parts, optimiser, ``init_weights``, ``explainer`` for :meth:`explain`:
+            default ``gradcam``, e.g. ``gradcam++`` or any other registry name).
     """
 
     classifies_unseen = False
+    default_explainer = "gradcam"
 
     def __init__(
         self,
@@ -157,18 +164,15 @@ class LICO(XVLMModule):
         ot_eps: float = 0.1,
         ot_max_iter: int = 100,
         ot_tol: float = 1e-3,
-        saliency: Literal["gradcam", "gradcam++"] = "gradcam",
         **kwargs: Any,
     ) -> None:
-        if saliency not in SALIENCY:
-            raise ValueError(f"saliency={saliency!r}: choose one of {sorted(SALIENCY)}")
         super().__init__(**kwargs)
         if not self.backbone.text_aligned_images and self.hparams.input_size is None:
             raise ValueError(f"LICO(image_encoder={self.hparams.image_encoder!r}) needs input_size (the image side it "
                              "is trained at), which fixes the feature-map size d' = h*w")
         self.backbone.set_freeze("all" if self.hparams.freeze in ("image", "all") else "text")
         side = self.input_side
-        with torch.no_grad():
+        with evaluating(self.backbone):  # eval mode: the probe must not move batch-norm statistics of loaded weights
             channels, height, width = self.feature_maps(torch.zeros(1, 3, side, side)).shape[1:]
         self.num_tokens, self.token_dim = int(channels), int(height * width)
         text_dim = self.backbone.embed_dim
@@ -247,23 +251,3 @@ class LICO(XVLMModule):
         out = self.losses(batch)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True)
         return out["loss"]
-
-    # ----------------------------------------------------------------- explanation
-    def explain(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Grad-CAM (or Grad-CAM++) of the predicted class on ``F``: ``saliency [B, H, W]``, ``predicted [B]``
-        (task class indices), ``logits [B, C]``.
-
-        The maps are computed without gradients and then made a leaf, so only ``∂score/∂F`` is needed and it
-        works for frozen encoders and under ``torch.no_grad()`` outside inference mode.
-        """
-        images = batch["image"]
-        with torch.no_grad():
-            maps = self.feature_maps(images)
-        with torch.enable_grad():
-            maps = maps.detach().requires_grad_(True)
-            seen = self.seen_logits(maps)
-            best = seen.argmax(dim=1)
-            score = seen.gather(1, best[:, None]).squeeze(1)
-            saliency = SALIENCY[self.hparams.saliency](maps, score, size=tuple(images.shape[-2:]))
-        return {"saliency": saliency.detach(), "predicted": self.seen_classes[best],
-                "logits": self._all_classes(seen.detach())}
