@@ -25,8 +25,11 @@ test-all: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+# Speed benchmarks, then the explainers x methods benchmark in its quick form (the full run writes
+# docs/explanations.md; its command is on that page).
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
+	$(BIN)/python -m benchmarks.explanations --quick --out outputs/explanations_quick.md
 
 clean:
 	rm -rf $(VENV) outputs lightning_logs

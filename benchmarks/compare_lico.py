@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -57,16 +58,29 @@ def methods(lico_args: dict, clip_args: dict) -> dict:
     }
 
 
-def run(build, data_args: dict, seed: int, epochs: int) -> dict[str, float]:
-    """Train one module for ``epochs`` and return the validation metrics of its final weights."""
+def fit(
+    build: Callable[[], L.LightningModule], data_args: dict, seed: int, epochs: int, callbacks: Sequence = ()
+) -> tuple[L.Trainer, L.LightningModule, ShapesDataModule]:
+    """Train ``build()`` for ``epochs`` from ``seed`` on ``ShapesDataModule(**data_args)`` (data seed 0), on the CPU
+    without validation, logger or checkpoints; ``epochs = 0`` only sets the module up (the weights as loaded).
+
+    Returns:
+        The trainer, the trained module and the datamodule (set up, so its loaders and ``task`` are ready).
+    """
     L.seed_everything(seed, verbose=False)
     data = ShapesDataModule(**{**data_args, "seed": 0})
     module = build()
-    callbacks = [SaliencyEvaluation(max_batches=4, steps=16), LaZSL(n_crops=16, split="unseen", max_batches=8)]
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=callbacks)
+                        num_sanity_val_steps=0, callbacks=list(callbacks))
     trainer.fit(module, data)
+    return trainer, module, data
+
+
+def run(build: Callable[[], L.LightningModule], data_args: dict, seed: int, epochs: int) -> dict[str, float]:
+    """Train one module for ``epochs`` and return the validation metrics of its final weights."""
+    callbacks = [SaliencyEvaluation(max_batches=4, steps=16), LaZSL(n_crops=16, split="unseen", max_batches=8)]
+    trainer, module, data = fit(build, data_args, seed, epochs, callbacks)
     trainer.limit_val_batches = 1.0
     (metrics,) = trainer.validate(module, data, verbose=False)
     return {column: float(metrics[key]) for column, key in COLUMNS.items()}

@@ -170,10 +170,10 @@ def class_activation_map(module: LICO, maps: torch.Tensor, predicted: torch.Tens
     return cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
-def test_explain_gives_the_gradcam_of_the_predicted_class(shapes):
+def test_explainer_gradcam_gives_the_class_activation_map_of_the_predicted_class(shapes):
     # With a timm encoder Grad-CAM's layer is F itself; with a linear head on GAP(F), Grad-CAM is the class
     # activation map relu(Σ_k w_ck F_k), up to scale (deviation 12).
-    module = make_lico(shapes, image_encoder="timm:resnet18", input_size=64,
+    module = make_lico(shapes, image_encoder="timm:resnet18", input_size=64, explainer="gradcam",
                        encoder_kwargs={"output_stride": 8}).eval()
     assert module.explainer_name == "gradcam"
     batch = first_batch(shapes)

@@ -14,6 +14,16 @@ listed in :data:`CONV_STEMS` gets its ViT patch embedding replaced by a small co
 Xiao et al. 2021, "Early convolutions help transformers see better") of the same total stride, which is what
 lets a four-layer ViT tell shapes apart on 64-px images.
 
+**Register tokens.** A config listed in :data:`REGISTER_TOKENS` gets ``R`` learned tokens (Darcet et al. 2024,
+"Vision Transformers Need Registers"): its image tower becomes a :class:`RegisterVisionTransformer` (the
+instance's class is swapped in :func:`create_clip`, as adapters swap the block class; no other model changes)
+with the parameter ``visual.register_tokens [R, W]`` in the state dict. The registers are inserted right after
+the class token, after the position embeddings and patch dropout (they have no position and are never dropped)
+and before ``ln_pre``, so every block attends over ``[c; r_1..r_R; t_1..t_N]``; they are dropped before pooling,
+so ``encode_image``, ``output_tokens`` and the pooled feature read only the class and patch tokens. open_clip's
+``forward_intermediates`` splits off ``1 + R`` prefix tokens (``image_intermediates_prefix`` is
+``[B, 1+R, W]``: class token, then registers). A tower without registers has ``R = 0`` everywhere below.
+
 The image tower is open_clip's (``image_encoder='clip'``) or a timm model (``image_encoder='timm:<name>'``,
 :class:`TimmFeatures`); with a timm tower the CLIP image tower is dropped, the text tower stays, and the image
 features are not aligned with text (:attr:`VisionLanguageModel.text_aligned_images`).
@@ -25,8 +35,15 @@ features are not aligned with text (:attr:`VisionLanguageModel.text_aligned_imag
 - :meth:`~VisionLanguageModel.run_blocks`: ``x_0 = ln_pre(dropout_p([c; t] + P))`` with the class token ``c``,
   the patch tokens ``t`` and the position embeddings ``P`` (resized bicubically to the token grid as open_clip's
   ``resize_pos_embed`` does at load time, class position untouched), then ``x_l = block_l(x_{l-1})``. It returns
-  the requested blocks' outputs ``[B, 1+N, W]``, optionally their head-averaged attention ``[B, 1+N, 1+N]`` taken
-  from the same pass, and the pooled, projected feature that ``encode_image`` computes.
+  the requested blocks' outputs ``[B, 1+N, W]``, optionally their head-averaged attention taken from the same
+  pass, and the pooled, projected feature that ``encode_image`` computes. With ``R`` register tokens (inserted
+  after ``dropout_p``, before ``ln_pre``) the blocks run on ``[B, 1+R+N, W]``, but the outputs keep the class and
+  patch tokens ``[B, 1+N, W]`` and return the registers apart (``[B, R, W]``); the attention is
+  ``[B, 1+N+R, 1+N+R]`` in the order *class, patches, registers* (rows and columns ``0..N`` index ``tokens``,
+  the last ``R`` the registers), so every row still sums to 1 and the class token's attention to the patches is
+  ``attention[:, 0, 1:1+N]`` for every tower (``attention[:, 0, 1:]`` also holds the register columns when
+  ``R > 0``; patch-level explainers that roll attention out use the whole square matrix and then read these
+  indices).
 
 **Block adapters.** :meth:`~VisionLanguageModel.add_block_adapters` turns every visual block into an
 :class:`AdaptedResidualAttentionBlock` (the instance's class is swapped; its parameters and their state-dict keys
@@ -51,7 +68,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +91,12 @@ CLIP_STD: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD
 #: number of stages is ``log2(patch_size)``, so the stem yields the config's patch grid.
 CONV_STEMS: dict[str, tuple[int, ...]] = {
     "xvlm-tiny": (32, 64, 128),
+    "xvlm-tiny-reg": (32, 64, 128),
+}
+
+#: ViT configs with register tokens (module docstring): number ``R`` of learned tokens next to the class token.
+REGISTER_TOKENS: dict[str, int] = {
+    "xvlm-tiny-reg": 4,
 }
 
 #: Pretrained sources this project provides itself: name -> resolver(model_name) returning a local weights file.
@@ -124,6 +147,97 @@ def conv_stem(width: int, patch_size: int, channels: Sequence[int]) -> ConvStem:
         in_ch = out_ch
     layers.append(nn.Conv2d(in_ch, width, 1))
     return ConvStem(*layers).to(memory_format=torch.channels_last)
+
+
+class RegisterVisionTransformer(VisionTransformer):
+    """open_clip's ViT with ``R`` register tokens ``register_tokens [R, W]`` (module docstring).
+
+    Not constructed directly: :meth:`add_registers` swaps the class of an existing tower and registers the
+    parameter, so every other parameter keeps its name. ``_embeds`` inserts the registers after the class token,
+    ``_pool`` drops them, and ``forward_intermediates`` treats them as prefix tokens; ``forward`` (hence
+    ``encode_image``) is open_clip's.
+    """
+
+    register_tokens: nn.Parameter
+
+    @classmethod
+    def add_registers(cls, visual: VisionTransformer, count: int) -> None:
+        """Turn ``visual`` into a tower with ``count`` registers, initialised like open_clip's class token
+        (``W^-1/2 · N(0, 1)``: distinct tokens, so they do not stay interchangeable)."""
+        if count < 1:
+            raise ValueError(f"a tower with registers needs at least one, not {count}")
+        visual.__class__ = cls
+        reference = visual.class_embedding
+        width = reference.shape[-1]
+        tokens = width ** -0.5 * torch.randn(count, width)
+        visual.register_parameter("register_tokens", nn.Parameter(tokens.to(reference.device, reference.dtype)))
+
+    @property
+    def num_registers(self) -> int:
+        return int(self.register_tokens.shape[0])
+
+    def insert_registers(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 1+N, W] -> [B, 1+R+N, W]``: the registers right after the class token."""
+        registers = self.register_tokens.to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
+
+    def drop_registers(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 1+R+N, W] -> [B, 1+N, W]``."""
+        return torch.cat([x[:, :1], x[:, 1 + self.num_registers:]], dim=1)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"register_tokens"}
+
+    def _embeds(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        x = self.patch_dropout(x + self.positional_embedding.to(x.dtype))
+        return self.ln_pre(self.insert_registers(x))
+
+    def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super()._pool(self.drop_registers(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        stop_early: bool = False,
+        normalize_intermediates: bool = False,
+        intermediates_only: bool = False,
+        output_fmt: str = "NCHW",
+        output_extra_tokens: bool = False,
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """open_clip's ``forward_intermediates`` with ``1 + R`` prefix tokens (class token, then registers)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError("Output format must be one of NCHW or NLC.")
+        batch, _, height, width = x.shape
+        x = self._embeds(x)
+        x, intermediates = self.transformer.forward_intermediates(x, indices=indices, stop_early=stop_early)
+        if normalize_intermediates:
+            intermediates = [self.ln_post(y) for y in intermediates]
+        prefix = 1 + self.num_registers
+        prefix_tokens = [y[:, :prefix] for y in intermediates]
+        intermediates = [y[:, prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            h, w = height // self.patch_size[0], width // self.patch_size[1]
+            intermediates = [y.reshape(batch, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        output: dict[str, Any] = {"image_intermediates": intermediates}
+        if output_extra_tokens:
+            output["image_intermediates_prefix"] = prefix_tokens
+        if intermediates_only:
+            return output
+        pooled, _ = self._pool(x)
+        if self.proj is not None:
+            pooled = pooled @ self.proj
+        output["image_features"] = pooled
+        return output
+
+
+def _num_registers(visual: nn.Module) -> int:
+    """``R`` of a tower with register tokens, else 0."""
+    return visual.num_registers if isinstance(visual, RegisterVisionTransformer) else 0
 
 
 def available_models() -> list[str]:
@@ -182,6 +296,11 @@ def create_clip(model: str, pretrained: str | None = None, image_size: int | Non
     if model in CONV_STEMS:
         visual = clip.visual
         visual.conv1 = conv_stem(visual.conv1.out_channels, visual.patch_size[0], CONV_STEMS[model])
+    if model in REGISTER_TOKENS:
+        if not isinstance(clip.visual, VisionTransformer):
+            raise ValueError(f"REGISTER_TOKENS lists '{model}', whose image tower is a "
+                             f"{type(clip.visual).__name__}, not an open_clip ViT")
+        RegisterVisionTransformer.add_registers(clip.visual, REGISTER_TOKENS[model])
     if local_file is not None:
         open_clip.load_checkpoint(clip, local_file, weights_only=True)
     return clip
@@ -195,11 +314,13 @@ class ImageTokens:
         patches: one ``[B, N, W]`` tensor per requested layer (``N = h * w`` patch tokens, tower width ``W``).
         cls: one ``[B, W]`` class token per requested layer.
         grid: ``(h, w)`` of the patch grid.
+        registers: one ``[B, R, W]`` tensor of register tokens per requested layer (``R = 0`` without registers).
     """
 
     patches: list[torch.Tensor]
     cls: list[torch.Tensor]
     grid: tuple[int, int]
+    registers: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -219,13 +340,21 @@ class PatchTokens:
 class BlockOutputs:
     """What :meth:`VisionLanguageModel.run_blocks` returns.
 
+    With ``R`` register tokens the blocks run on ``[class; registers; patches]``; here the registers are set
+    apart, so ``tokens`` keeps its meaning for every tower and ``R = 0`` is the tower without registers.
+
     Attributes:
-        tokens: one ``[B, 1+N, W]`` block output per requested block (class token first).
-        attention: one ``[B, 1+N, 1+N]`` head-averaged post-softmax attention (float32, rows sum to 1) per
-            requested block, or ``None`` when not asked for.
+        tokens: one ``[B, 1+N, W]`` block output per requested block (class token first, then the patches;
+            registers excluded).
+        attention: one ``[B, 1+N+R, 1+N+R]`` head-averaged post-softmax attention (float32, rows sum to 1 over
+            all ``1+N+R`` keys) per requested block, or ``None`` when not asked for. Rows and columns are ordered
+            class token, patches (``1..N``, as in ``tokens``), registers (the last ``R``); ``[..., :1+N, :1+N]``
+            is the part among class and patch tokens.
         pooled: ``[B, D]`` projected image feature, as ``encode_image`` computes it.
         layers: the requested block indices (non-negative, ascending), matching ``tokens`` and ``attention``.
         grid: ``(h, w)`` of the patch grid.
+        registers: one ``[B, R, W]`` block output of the register tokens per requested block (``R = 0``: empty).
+        num_registers: ``R``.
     """
 
     tokens: list[torch.Tensor]
@@ -233,6 +362,8 @@ class BlockOutputs:
     pooled: torch.Tensor
     layers: tuple[int, ...]
     grid: tuple[int, int]
+    registers: list[torch.Tensor] = field(default_factory=list)
+    num_registers: int = 0
 
 
 class TimmFeatures(nn.Module):
@@ -324,6 +455,13 @@ def _attend_with_weights(block: ResidualAttentionBlock, x: torch.Tensor) -> tupl
     weights = (q @ k.transpose(-2, -1) * (width // heads) ** -0.5).softmax(dim=-1, dtype=torch.float32)
     attended = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(batch, length, width)
     return _residual_branches(block, x, attn.out_proj(attended)), weights.mean(dim=1)
+
+
+def _class_patches_registers(length: int, registers: int, device: torch.device) -> torch.Tensor:
+    """Index that reorders a sequence ``[class; R registers; patches]`` of ``length`` to ``[class; patches;
+    registers]`` (the order of :class:`BlockOutputs` attention)."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1 + registers, length),
+                      torch.arange(1, 1 + registers)]).to(device)
 
 
 def _resized_positions(visual: VisionTransformer, grid: tuple[int, int]) -> torch.Tensor:
@@ -421,6 +559,11 @@ class VisionLanguageModel(nn.Module):
             return self._timm_image_size or _timm_input_side(self.timm_encoder)
         size = self.clip.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def num_registers(self) -> int:
+        """``R``, the register tokens of the CLIP image tower (:data:`REGISTER_TOKENS`); 0 for every other tower."""
+        return _num_registers(self.clip.visual) if self.timm_encoder is None else 0
 
     @property
     def embed_dim(self) -> int:
@@ -565,13 +708,15 @@ class VisionLanguageModel(nn.Module):
         """Run the visual transformer on patch embeddings, keeping the requested blocks' tokens (and attention).
 
         ``x_0 = ln_pre(patch_dropout([c; t] + P))`` with ``t = patches.tokens [B, N, W]``, the class token ``c`` and
-        the position embeddings ``P`` resized to ``patches.grid`` if it differs from the tower's; then every block
+        the position embeddings ``P`` resized to ``patches.grid`` if it differs from the tower's (with register
+        tokens ``r``: ``ln_pre([c; r; t'])`` where ``[c; t'] = patch_dropout([c; t] + P)``); then every block
         runs (all of them, for ``pooled``). A block whose attention is requested runs unfused and returns
         ``mean_heads softmax(Q Kᵀ / √d_head)`` from the same pass; the others run open_clip's own forward.
 
         Args:
             patches: output of :meth:`embed_patches` (its tokens may be edited, the grid must hold ``N`` tokens).
-            attention: also return the requested blocks' head-averaged attention ``[B, 1+N, 1+N]``.
+            attention: also return the requested blocks' head-averaged attention ``[B, 1+N+R, 1+N+R]``
+                (class, patches, then the ``R`` registers; :class:`BlockOutputs`).
             layers: last ``n`` blocks if an int, these block indices (negative count from the end) if a sequence,
                 all blocks if ``None``.
             normalize: unit-normalise ``pooled``, as ``encode_image(images, normalize=True)`` does.
@@ -586,7 +731,11 @@ class VisionLanguageModel(nn.Module):
         if tokens.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"run_blocks got {tokens.shape[1]} patch tokens for a {grid[0]}x{grid[1]} grid")
         x = torch.cat([visual.class_embedding.to(tokens.dtype).expand(len(tokens), 1, -1), tokens], dim=1)
-        x = visual.ln_pre(visual.patch_dropout(x + _resized_positions(visual, grid).to(x.dtype)))
+        x = visual.patch_dropout(x + _resized_positions(visual, grid).to(x.dtype))
+        registers = _num_registers(visual)
+        if registers:
+            x = visual.insert_registers(x)  # [B, 1+R+N, W]: the registers have no position and are never dropped
+        x = visual.ln_pre(x)
         outputs, maps = [], []
         for index, block in enumerate(blocks):
             if attention and index in wanted:
@@ -599,8 +748,14 @@ class VisionLanguageModel(nn.Module):
         pooled, _ = visual._pool(x)  # ln_post, global or attentional pooling: encode_image's own code
         if visual.proj is not None:
             pooled = pooled @ visual.proj
+        register_outputs = [y[:, 1:1 + registers] for y in outputs]
+        if registers:
+            outputs = [visual.drop_registers(y) for y in outputs]
+            order = _class_patches_registers(x.shape[1], registers, x.device)
+            maps = [m[:, order][:, :, order] for m in maps]
         return BlockOutputs(tokens=outputs, attention=maps if attention else None,
-                            pooled=F.normalize(pooled, dim=-1) if normalize else pooled, layers=wanted, grid=grid)
+                            pooled=F.normalize(pooled, dim=-1) if normalize else pooled, layers=wanted, grid=grid,
+                            registers=register_outputs, num_registers=registers)
 
     def encode_image_tokens(self, images: torch.Tensor, layers: int | Sequence[int] | None = None) -> ImageTokens:
         """Intermediate patch and class tokens of a ViT tower (:meth:`run_blocks`).
@@ -611,10 +766,12 @@ class VisionLanguageModel(nn.Module):
 
         Returns:
             :class:`ImageTokens` with ``[B, N, W]`` patch tokens (before ``ln_post`` and the projection; see
-            :meth:`project_tokens`) and ``[B, W]`` class tokens per layer, in block order.
+            :meth:`project_tokens`), ``[B, W]`` class tokens and ``[B, R, W]`` register tokens per layer, in
+            block order.
         """
         out = self.run_blocks(self.embed_patches(images), layers=layers)
-        return ImageTokens(patches=[t[:, 1:] for t in out.tokens], cls=[t[:, 0] for t in out.tokens], grid=out.grid)
+        return ImageTokens(patches=[t[:, 1:] for t in out.tokens], cls=[t[:, 0] for t in out.tokens], grid=out.grid,
+                           registers=out.registers)
 
     def project_tokens(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Map ViT tokens ``[..., W]`` into the joint space: ``ln_post(x) @ proj`` -> ``[..., D]``."""

@@ -68,6 +68,7 @@ RECIPES: dict[str, BuildRecipe] = {
     "xvlm-tiny": BuildRecipe(steps=800, batch_size=64, image_size=48, lr=1e-3, warmup_steps=40, negatives="batch"),
     "xvlm-tiny-rn": BuildRecipe(steps=400, image_size=48),
 }
+RECIPES["xvlm-tiny-reg"] = RECIPES["xvlm-tiny"]  # the same ViT with register tokens, built the same way
 
 
 def checkpoint_root() -> Path:

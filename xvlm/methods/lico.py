@@ -19,8 +19,9 @@ visual tokens ``[N, d']``.
   computed without gradient (:func:`optimal_transport_loss`).
 
 Inference uses no text: :meth:`LICO.classify` is the classifier; ``explain`` is the shared one of
-:class:`~xvlm.methods.base.XVLMModule` with LICO's default explainer ``gradcam`` (Grad-CAM of the predicted
-class; ``explainer`` selects any other of :mod:`xvlm.explain.explainers`, e.g. ``gradcam++``; deviation 12).
+:class:`~xvlm.methods.base.XVLMModule` with the shared default explainer (integrated gradients of the predicted
+class, which localises best on the Shapes benchmark, ``docs/explanations.md``); the paper's Grad-CAM is
+``explainer: gradcam`` (deviation 12), and ``explainer`` selects any other of :mod:`xvlm.explain.explainers`.
 ``F`` is the backbone's :meth:`~xvlm.backbones.VisionLanguageModel.feature_maps`: with the CLIP image tower of
 ``model`` (``image_encoder='clip'``) its last block's patch tokens projected into the joint space and laid out as
 ``[B, D, h, w]``, so ``N = D`` and ``d' = h·w``; with a timm model (``image_encoder='timm:<name>'``, a base
@@ -145,11 +146,10 @@ class LICO(XVLMModule):
         **kwargs: :class:`XVLMModule` arguments (``model`` is the open_clip model whose text tower encodes the
             prompts; ``image_encoder``, ``input_size`` — required for a timm encoder, it fixes ``d' = h·w`` —,
             ``head_lr`` for LICO's own parts, optimiser, ``init_weights``, ``explainer`` for :meth:`explain`:
-            default ``gradcam``, e.g. ``gradcam++`` or any other registry name).
+            the shared default, or ``gradcam`` (the paper's), ``gradcam++`` or any other registry name).
     """
 
     classifies_unseen = False
-    default_explainer = "gradcam"
 
     def __init__(
         self,

@@ -12,7 +12,10 @@ The curve is ``y_t = softmax(f(x_t))_c`` for ``t = 0..T`` and its area ``AUC = (
 
 On data with object masks: the **pointing game** asks whether the map's argmax lies in the mask, and
 **mass in mask** is the share ``Σ_p s(p) 1[p ∈ mask] / Σ_p s(p)`` of the map inside it (a uniform map scores the
-mask's area fraction).
+mask's area fraction). **Top-k IoU** ranks the pixels as above, keeps the ``k = round(f·HW)`` first (the top
+``f`` share, ties in raster order) and scores their intersection over union with the mask.
+:func:`localisation_scores` gives the three mask scores at once; :func:`centred_gaussian_map` is the
+centre-bias baseline map they are compared against.
 
 :func:`saliency_scores` computes all of them per image; :class:`SaliencyMetrics` accumulates their means.
 """
@@ -31,11 +34,15 @@ from torchvision.transforms.functional import gaussian_blur
 __all__ = [
     "SaliencyMetrics",
     "auc",
+    "centred_gaussian_map",
     "insertion_deletion",
+    "localisation_scores",
     "mass_in_mask",
     "pixel_ranks",
     "pointing_game",
     "saliency_scores",
+    "top_pixels",
+    "topk_iou",
     "uniform_mass_in_mask",
     "upsample_maps",
 ]
@@ -157,6 +164,80 @@ def mass_in_mask(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def uniform_mass_in_mask(mask: torch.Tensor) -> torch.Tensor:
     """The :func:`mass_in_mask` of a uniform map: the mask's area fraction, ``[...]`` from ``mask [..., H, W]``."""
     return mask.float().mean(dim=(-2, -1))
+
+
+def top_pixels(saliency: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The ``k = max(1, round(f·HW))`` most salient pixels of each map, ties in raster order (:func:`pixel_ranks`).
+
+    Args:
+        saliency: ``[B, H, W]`` maps.
+        fraction: ``f`` in ``(0, 1]``, the share of pixels kept.
+
+    Returns:
+        ``[B, H, W]`` bool, exactly ``k`` True per map (an all-zero map keeps its first ``k`` pixels in raster order).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+    count = max(1, round(fraction * saliency.shape[-2] * saliency.shape[-1]))
+    return pixel_ranks(saliency) < count
+
+
+def topk_iou(saliency: torch.Tensor, mask: torch.Tensor, fraction: float = 0.117) -> torch.Tensor:
+    """IoU of each map's top-``f`` pixels ``S`` (:func:`top_pixels`) with the mask ``M``: ``|S ∩ M| / |S ∪ M|``.
+
+    Taking ``f`` = the mean mask area (0.117 on Shapes at 64 px) makes ``|S| ≈ |M|``, so a map that ranks the
+    object first scores close to 1 whatever its values are; only the ranking counts.
+
+    Args:
+        saliency: ``[B, h, w]`` maps (upsampled bilinearly to the mask's size if it differs).
+        mask: ``[B, H, W]`` object masks (non-zero = object).
+        fraction: ``f`` in ``(0, 1]``.
+
+    Returns:
+        ``[B]`` IoUs in ``[0, 1]``.
+
+    Example:
+        >>> maps = torch.tensor([[[0.0, 0.9], [0.5, 0.1]]])
+        >>> topk_iou(maps, torch.tensor([[[0, 1], [1, 0]]]), fraction=0.25)
+        tensor([0.5000])
+    """
+    maps = upsample_maps(saliency.float(), tuple(mask.shape[-2:]))
+    top = top_pixels(maps, fraction)
+    inside = mask.to(top.device).bool()
+    intersection = (top & inside).flatten(1).sum(dim=1)
+    union = (top | inside).flatten(1).sum(dim=1)
+    return intersection / union
+
+
+def localisation_scores(saliency: torch.Tensor, mask: torch.Tensor, fraction: float) -> dict[str, torch.Tensor]:
+    """The mask scores of maps: ``pointing`` (:func:`pointing_game`), ``mass_in_mask`` (:func:`mass_in_mask`, NaN
+    for an all-zero map) and ``topk_iou`` (:func:`topk_iou` at ``fraction``), each ``[B]`` (pointing as float).
+
+    Args:
+        saliency: ``[B, h, w]`` non-negative maps (upsampled bilinearly to the mask's size if it differs).
+        mask: ``[B, H, W]`` object masks.
+        fraction: share of pixels kept by the top-k IoU.
+    """
+    maps = upsample_maps(saliency.float(), tuple(mask.shape[-2:]))
+    return {"pointing": pointing_game(maps, mask).float(), "mass_in_mask": mass_in_mask(maps, mask.to(maps.device)),
+            "topk_iou": topk_iou(maps, mask, fraction)}
+
+
+def centred_gaussian_map(height: int, width: int, sigma: float = 0.25) -> torch.Tensor:
+    """The centre-bias baseline ``G(y, x) = exp(−(y − c_y)² / (2 (σH)²) − (x − c_x)² / (2 (σW)²))``, ``[H, W]``.
+
+    ``(y, x)`` are pixel centres ``(i + ½, j + ½)`` and ``(c_y, c_x) = (H/2, W/2)`` the image centre, so the map is
+    symmetric; it is divided by its maximum (1 at the centre pixels).
+
+    Args:
+        height: ``H``.
+        width: ``W``.
+        sigma: standard deviation as a fraction of each side.
+    """
+    ys = (torch.arange(height) + 0.5 - height / 2) / (sigma * height)
+    xs = (torch.arange(width) + 0.5 - width / 2) / (sigma * width)
+    gauss = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / 2)
+    return gauss / gauss.max()
 
 
 def saliency_scores(

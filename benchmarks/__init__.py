@@ -1,0 +1,1 @@
+"""Benchmarks: scripts run as ``python benchmarks/<name>.py``, and ``python -m benchmarks.explanations``."""
