@@ -22,7 +22,7 @@ mean colour):
   ∂y/∂A_k,ij`` of a layer ``A [B, K, h, w]`` of the image tower: for an open_clip ViT the patch tokens that *enter*
   block ``block`` (default −1, the last block: the output of the one before), laid out as ``[B, W, h, w]`` (class
   token and register tokens dropped); for a feature-map tower (timm) its output feature map (``block`` must be −1).
-  ``up`` is bilinear upsampling (captum's ``LayerAttribution.interpolate``).
+  ``up`` is bilinear upsampling (:func:`~xvlm.metrics.saliency.upsample_maps`).
 
 Ours (captum has none):
 

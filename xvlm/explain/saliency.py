@@ -10,9 +10,9 @@ with the score ``y_b = f(x)_{b, c_b}`` and gradients ``g_k = ∂y / ∂A_k [h, w
   ``w_k = Σ_ij α_k,ij relu(g_k,ij)`` — ours (:func:`grad_cam_plus_plus` on features already in a graph,
   :func:`layer_grad_cam_plus_plus` on a layer, as ``LayerGradCam`` takes it);
 
-and the map is ``relu(Σ_k w_k A_k)`` ``[B, h, w]``, upsampled bilinearly to ``size`` when given (captum's
-``LayerAttribution.interpolate``, ``align_corners=False``) and divided by its maximum per image (an all-zero map
-stays zero, :func:`normalise_maps`).
+and the map is ``relu(Σ_k w_k A_k)`` ``[B, h, w]``, upsampled bilinearly to ``size`` when given
+(:func:`~xvlm.metrics.saliency.upsample_maps`, ``align_corners=False``) and divided by its maximum per image (an
+all-zero map stays zero, :func:`normalise_maps`).
 
 The gradients are taken with ``torch.autograd.grad`` of ``Σ_b y_b``: each sample's score depends on its own
 features only (true in eval mode; batch norm in training mode would mix the batch), so
@@ -30,8 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from captum.attr import LayerAttribution, LayerGradCam
+from captum.attr import LayerGradCam
 from torch import nn
+
+from xvlm.metrics.saliency import upsample_maps
 
 __all__ = ["grad_cam_plus_plus", "layer_grad_cam", "layer_grad_cam_plus_plus", "normalise_maps", "tokens_to_map",
            "upsample"]
@@ -49,11 +51,9 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
 
 
 def upsample(maps: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
-    """Maps ``[B, h, w]`` resized bilinearly to ``size`` (captum's ``LayerAttribution.interpolate``); unchanged when
-    ``size`` is None or already theirs."""
-    if size is None or tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return LayerAttribution.interpolate(maps[:, None], tuple(int(s) for s in size), "bilinear")[:, 0]
+    """Maps ``[B, h, w]`` resized bilinearly to ``size`` by :func:`~xvlm.metrics.saliency.upsample_maps` (the resize
+    the saliency metrics use); unchanged when ``size`` is None."""
+    return maps if size is None else upsample_maps(maps, tuple(int(s) for s in size))
 
 
 def _grad_cam_plus_plus_weights(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
