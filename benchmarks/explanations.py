@@ -17,9 +17,9 @@ faithful it is, against baseline maps and LaZSL's region maps.
    the mask (``k`` = the mean mask area of these images), insertion and deletion AUCs through ``module.classify``,
    and time each explainer per image (best of ``--repeats`` in-turn timings, ``benchmarks/timing.py``);
 4. score LaZSL's region map, the heat map of the top descriptor of LaZSL's predicted class
-   (:func:`xvlm.zeroshot.regions.explain_lazsl`) through the module's zero-shot towers, for the shipped crop
-   settings and smaller / more crops; the best of them on mass in mask is marked "chosen on validation" (no test
-   split is used anywhere).
+   (:func:`xvlm.zeroshot.regions.explain_lazsl`) through the module's zero-shot towers, drawn over the scoring
+   crops alone and over several region crops (:class:`~xvlm.zeroshot.regions.RegionCrops`); the best of them on
+   mass in mask is marked "best on validation" (no test split is used anywhere).
 
 It prints the tables and writes them to ``--out`` (Markdown: command, date, tables of mean ± std over seeds) with a
 gallery PNG beside it (same name, ``.png``): for each fine-tuned method, 4 validation images with their mask
@@ -63,7 +63,7 @@ from xvlm.metrics.saliency import (  # noqa: E402
 )
 from xvlm.shapes_pretraining import checkpoint_root  # noqa: E402
 from xvlm.zeroshot import LaZSLSettings  # noqa: E402
-from xvlm.zeroshot.regions import explain_lazsl  # noqa: E402
+from xvlm.zeroshot.regions import RegionCrops, explain_lazsl  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BACKBONE_METHOD = "CLIPFineTune"
@@ -210,26 +210,35 @@ def evaluate_maps(module: Any, batch: dict, functions: dict[str, MapFunction], f
     return scores, maps
 
 
-def lazsl_settings() -> dict[str, LaZSLSettings]:
-    """The shipped crop settings (alpha 0.6, 16 crops) and smaller (alpha 0.2, 0.3) and more (32, 48) crops."""
-    grid = {"alpha 0.6, 16 crops (shipped)": LaZSLSettings()}
-    for alpha in (0.2, 0.3):
-        for crops in (32, 48):
-            grid[f"alpha {alpha}, {crops} crops"] = LaZSLSettings(alpha=alpha, n_crops=crops)
+def region_crop_grid() -> dict[str, RegionCrops | None]:
+    """The heat maps' crops: the scoring crops themselves (one pass), the shipped region crops, and neighbours with
+    fewer / more, smaller / larger crops."""
+    def label(crops: RegionCrops) -> str:
+        return f"{crops.n_crops} crops of side {crops.alpha}–{crops.beta}"
+
+    shipped = RegionCrops()
+    grid: dict[str, RegionCrops | None] = {
+        f"scoring crops alone ({LaZSLSettings.n_crops} of side {LaZSLSettings.alpha}–{LaZSLSettings.beta})": None,
+        f"{label(shipped)} (shipped)": shipped,
+    }
+    for crops in (RegionCrops(32, 0.1, 0.25), RegionCrops(64, 0.1, 0.3), RegionCrops(48, 0.1, 0.2),
+                  RegionCrops(32, 0.2, 0.5)):
+        grid[label(crops)] = crops
     return grid
 
 
 def evaluate_lazsl(module: Any, batch: dict, task: Any, fraction: float) -> dict[str, dict[str, float]]:
-    """Per LaZSL setting: mask scores of the top-descriptor map of LaZSL's predicted class (through the module's
-    zero-shot towers; none without them) and the milliseconds per image of that one explanation pass."""
+    """Per region-crop setting: mask scores of the top-descriptor map of LaZSL's predicted class (scored with the
+    default settings through the module's zero-shot towers; none without them) and the milliseconds per image of
+    that one explanation call."""
     encoder = module.zero_shot_encoder()
     if encoder is None:
         return {}
     scores = {}
-    for label, settings in lazsl_settings().items():
+    for label, crops in region_crop_grid().items():
         start = time.perf_counter()
         with torch.no_grad():
-            explanation = explain_lazsl(encoder, batch["image"], batch["index"], task, settings=settings)
+            explanation = explain_lazsl(encoder, batch["image"], batch["index"], task, region_crops=crops)
         seconds = time.perf_counter() - start
         per_image = localisation_scores(top_descriptor_maps(explanation), batch["mask"], fraction)
         scores[label] = {key: float(values.nanmean()) for key, values in per_image.items()}
@@ -295,9 +304,9 @@ def chosen_lazsl(lazsl: Results) -> dict[str, str]:
 
 
 def marked_lazsl(lazsl: Results) -> Results:
-    """``lazsl`` with each model's chosen setting suffixed "← chosen on validation"."""
+    """``lazsl`` with each model's chosen setting suffixed "← best on validation"."""
     chosen = chosen_lazsl(lazsl)
-    return {(model, name + (" ← chosen on validation" if chosen[model] == name else "")): rows
+    return {(model, name + (" ← best on validation" if chosen[model] == name else "")): rows
             for (model, name), rows in lazsl.items()}
 
 
@@ -334,9 +343,11 @@ def report(collected: Collected, options: Options, area: float, gallery: Path, s
         "",
         "## LaZSL region maps (top descriptor of the predicted class)",
         "",
-        "Through each module's zero-shot towers; the setting with the highest mass in mask per model is marked "
-        "(chosen on validation: these are the validation images above, and no test split is used). ms/image is "
-        "one timed pass over all images.",
+        "Scored with the default `LaZSLSettings` through each module's zero-shot towers, the maps drawn over the "
+        "crops of each row (`xvlm.zeroshot.regions.RegionCrops`; the first row draws them over the scoring crops, "
+        "as before region crops existed). The setting with the highest mass in mask per model is marked (these are "
+        "the validation images above; no test split is used). ms/image is one timed explanation call (both "
+        "passes) over all images.",
         "",
         *table(marked_lazsl(collected.lazsl), LAZSL_COLUMNS, "model", "crops"),
         "",

@@ -4,23 +4,46 @@ The backbone is the one ``pretrained: shapes`` builds (cached under ``checkpoint
 about four minutes on two cores), evaluated as users get it, before any fine-tuning.
 """
 
+import pytest
 import torch
 
 from datamodules import ShapesDataModule
-from xvlm.explain.gallery import explain_batch
+from xvlm.explain.gallery import explain_batch, named_explainer
 from xvlm.methods import CLIPFineTune
 from xvlm.metrics.saliency import mass_in_mask, pointing_game, uniform_mass_in_mask
 
 
-def test_clip_default_explainer_points_at_the_object_on_the_shipped_backbone():
-    module = CLIPFineTune()  # the shipped defaults: xvlm-tiny, pretrained on Shapes, the default explainer
+@pytest.fixture(scope="module")
+def shipped():
+    """CLIPFineTune with the shipped defaults (xvlm-tiny pretrained on Shapes, the default explainer) and 64 Shapes
+    ``attributes`` validation images (64 px) with their masks."""
+    module = CLIPFineTune()
     data = ShapesDataModule(task="attributes", val_size=64, batch_size=64)
     data.setup("validate")
     module.attach_task(data.task)
-    batch = next(iter(data.val_dataloader()))
+    return module, next(iter(data.val_dataloader()))
+
+
+def test_clip_default_explainer_points_at_the_object_on_the_shipped_backbone(shipped):
+    module, batch = shipped
     explanation = explain_batch(module, batch)
     hits = pointing_game(explanation["saliency"], batch["mask"]).float()
     assert float(hits.mean()) >= 0.8, f"pointing {float(hits.mean()):.3f} with {module.explainer_name}"
     mass = mass_in_mask(explanation["saliency"], batch["mask"]).nanmean()
     assert float(mass) >= 2 * float(uniform_mass_in_mask(batch["mask"]).mean())
     assert torch.equal(explanation["predicted"], explanation["logits"].argmax(dim=1))
+
+
+def test_lazsl_top_descriptor_map_puts_twice_the_uniform_share_on_the_object(shipped):
+    # the gallery's LaZSL maps with the default settings: scored over the LaZSL crops, drawn over the region crops
+    module, batch = shipped
+    explanation = explain_batch(module, batch, named_explainer(module, "lazsl"))
+    contributions = explanation["descriptor_contributions"].masked_fill(~explanation["descriptor_mask"], -torch.inf)
+    rows = torch.arange(len(contributions))
+    top = explanation["descriptor_maps"][rows, contributions.argmax(dim=1)]
+    mass = float(mass_in_mask(top, batch["mask"]).nanmean())
+    uniform = float(uniform_mass_in_mask(batch["mask"]).mean())
+    assert mass >= 2 * uniform, f"mass in mask {mass:.3f}, uniform {uniform:.3f}"
+    scored_alone = named_explainer(module, "lazsl", region_crops=None)
+    flat = explain_batch(module, batch, scored_alone)
+    torch.testing.assert_close(flat["logits"], explanation["logits"])  # same scores, only the maps' crops differ

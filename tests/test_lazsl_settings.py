@@ -19,7 +19,7 @@ from xvlm.explain import ExplanationGallery
 from xvlm.explain.gallery import first_samples
 from xvlm.methods import CLIPFineTune
 from xvlm.zeroshot import LaZSL, LaZSLSettings, evaluating, lazsl_settings_of
-from xvlm.zeroshot.regions import explain_lazsl
+from xvlm.zeroshot.regions import RegionCrops, explain_lazsl
 
 CUSTOM = {"n_crops": 3, "alpha": 0.5, "seed": 7, "eps": 0.01}
 """Non-default options of the callback in the gallery tests (``theta`` varies). A random CLIP's crop and descriptor
@@ -93,7 +93,8 @@ def scored():
         callback.setup(trainer, module, "validate")
         callback.on_validation_epoch_start(trainer, module)
         logged = callback.score(encoder, batch["image"], batch["index"])
-        explained = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, settings=callback.settings)
+        explained = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, settings=callback.settings,
+                                  region_crops=None)
     return encoder, batch, datamodule.task, callback.settings, logged, explained, sentences
 
 
@@ -223,7 +224,8 @@ def test_gallery_maps_explain_the_callbacks_scores(gallery_runs):
     for scores, shown, expected, default in gallery_runs.values():
         for key in KEYS:
             torch.testing.assert_close(shown[key], expected[key], msg=key)
-        assert shown["plans"].shape[1] == CUSTOM["n_crops"] and default["plans"].shape[1] != CUSTOM["n_crops"]
+        # the maps are over the region crops, with the callback's other options (θ: next test)
+        assert shown["plans"].shape[1] == RegionCrops().n_crops
         assert not torch.allclose(shown["logits"], default["logits"])
         # the gallery's images are the first of the validation batch the callback scored and logged
         torch.testing.assert_close(shown["logits"], scores[:GALLERY_IMAGES], atol=1e-6, rtol=0)

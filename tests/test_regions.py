@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from datamodules import ShapesDataModule
 from xvlm.backbones import VisionLanguageModel
 from xvlm.zeroshot import LaZSLSettings, descriptor_contributions, hybrid_similarity, lazsl_scores
-from xvlm.zeroshot.regions import crop_weights, descriptor_heatmaps, explain_lazsl
+from xvlm.zeroshot.regions import RegionCrops, crop_weights, descriptor_heatmaps, explain_lazsl
 
 
 def _features(b=3, c=5, n=6, m=4, d=16, seed=0):
@@ -77,10 +77,44 @@ def shapes_explanation():
     encoder = VisionLanguageModel("xvlm-tiny", pretrained=None, image_size=32).eval()
     with torch.no_grad():
         settings = LaZSLSettings(n_crops=5)
-        explanation = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, settings=settings)
+        explanation = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, settings=settings,
+                                    region_crops=None)
         chosen = explain_lazsl(encoder, batch["image"], batch["index"], datamodule.task, batch["label"],
-                               settings=settings)
+                               settings=settings, region_crops=None)
     return datamodule.task, batch, explanation, chosen
+
+
+def test_heat_maps_come_from_the_region_crops_and_scores_from_the_settings():
+    torch.manual_seed(0)
+    datamodule = ShapesDataModule(task="attributes", image_size=48, batch_size=4, val_size=4, augment=False)
+    datamodule.setup()
+    batch = next(iter(datamodule.val_dataloader()))
+    images = batch["image"][..., 5:42, :]  # 37 x 48: odd and not square
+    encoder = VisionLanguageModel("xvlm-tiny", pretrained=None, image_size=32).eval()
+    settings, crops = LaZSLSettings(n_crops=3, eps=0.05), RegionCrops(n_crops=7, alpha=0.2, beta=0.4)
+    with torch.no_grad():
+        two_passes = explain_lazsl(encoder, images, batch["index"], datamodule.task, settings=settings,
+                                   region_crops=crops)
+        scoring = explain_lazsl(encoder, images, batch["index"], datamodule.task, settings=settings,
+                                region_crops=None)
+        regional = explain_lazsl(encoder, images, batch["index"], datamodule.task, scoring["predicted"],
+                                 settings=LaZSLSettings(n_crops=7, alpha=0.2, beta=0.4, eps=0.05), region_crops=None)
+    for key in ("logits", "predicted", "explained"):
+        torch.testing.assert_close(two_passes[key], scoring[key], msg=key)
+    for key in ("descriptor_maps", "descriptor_contributions", "plans", "boxes", "crop_keep"):
+        torch.testing.assert_close(two_passes[key], regional[key], msg=key)
+    sides = two_passes["boxes"][..., 2] - two_passes["boxes"][..., 0]
+    assert two_passes["boxes"].shape[1] == 7 and scoring["boxes"].shape[1] == 3
+    assert (sides >= int(0.2 * 37)).all() and (sides <= 0.4 * 37).all()
+    assert (two_passes["boxes"][..., 3] <= 37).all() and (two_passes["boxes"][..., 2] <= 48).all()
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"n_crops": 0}, "n_crops=0"), ({"alpha": 0.5, "beta": 0.2}, "alpha=0.5, beta=0.2"), ({"alpha": 0.0}, "alpha=0.0"),
+])
+def test_bad_region_crops_are_refused_naming_the_option(options, named):
+    with pytest.raises(ValueError, match=named):
+        RegionCrops(**options)
 
 
 def test_explanation_shapes_and_padding(shapes_explanation):

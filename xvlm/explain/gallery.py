@@ -7,7 +7,7 @@ with ``torch.enable_grad()`` inside ``explain``. Instead of the module's own ``e
 explainer (:func:`named_explainer`: ``lazsl`` or any of :data:`xvlm.explain.explainers.EXPLAINERS`). Modules are
 used through the :class:`xvlm.contracts.ExplainableModule` protocol only. LaZSL galleries explain with the
 trainer's LaZSL callback settings (:func:`xvlm.zeroshot.lazsl_settings_of`), so their maps explain the logged
-scores.
+scores (the maps themselves over the smaller region crops, :class:`xvlm.zeroshot.regions.RegionCrops`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from xvlm.contracts import ExplainableModule
 from xvlm.explain.explainers import explain_with, explainer_names
 from xvlm.explain.render import render_explanation, sample_explanation, save_figure
 from xvlm.zeroshot.lazsl import LaZSLSettings, evaluating, lazsl_settings_of
-from xvlm.zeroshot.regions import lazsl_explainer
+from xvlm.zeroshot.regions import RegionCrops, lazsl_explainer
 
 
 def _concat(parts: list[Any]) -> Any:
@@ -74,14 +74,16 @@ def gallery_explainers() -> list[str]:
 
 
 def named_explainer(
-    module: ExplainableModule, name: str, lazsl: LaZSLSettings | None = None
+    module: ExplainableModule, name: str, lazsl: LaZSLSettings | None = None,
+    region_crops: RegionCrops | None = RegionCrops(),
 ) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
     """``batch -> explanation`` by ``name`` (one of :func:`gallery_explainers`): ``None`` for ``module`` (the module's
-    own ``explain``), LaZSL's region maps with ``lazsl`` settings for ``lazsl``, else the registered explainer."""
+    own ``explain``), LaZSL's region maps for ``lazsl`` (scored with ``lazsl`` settings, maps over ``region_crops``,
+    :func:`xvlm.zeroshot.regions.explain_lazsl`), else the registered explainer."""
     if name == "module":
         return None
     if name == "lazsl":
-        return lazsl_explainer(module, lazsl)
+        return lazsl_explainer(module, lazsl, region_crops)
     if name not in explainer_names():
         raise ValueError(f"unknown explainer {name!r}; choose one of {', '.join(gallery_explainers())}")
     return partial(explain_with, module, explainer=name)
@@ -131,7 +133,8 @@ class ExplanationGallery(Callback):
 
     With ``explainer='lazsl'`` the maps are computed with the settings of the trainer's
     :class:`~xvlm.zeroshot.LaZSL` callback when it has one, so they explain the scores it logs; else with
-    ``lazsl`` (or the defaults). Giving ``lazsl`` that differs from the callback's settings is an error at setup.
+    ``lazsl`` (or the defaults). The heat maps
+    are drawn over ``region_crops``. Giving ``lazsl`` that differs from the callback's settings is an error at setup.
 
     Args:
         every_n_epochs: write after epochs ``n - 1, 2n - 1, ...``.
@@ -143,11 +146,13 @@ class ExplanationGallery(Callback):
             :data:`~xvlm.explain.explainers.EXPLAINERS` renders that explainer's map of the predicted class.
         lazsl: LaZSL settings of ``explainer='lazsl'`` for trainers without a LaZSL callback (YAML:
             ``lazsl: {theta: 0.5}``).
+        region_crops: crops of ``explainer='lazsl'``'s heat maps (YAML: ``region_crops: {n_crops: 32, beta: 0.4}``;
+            ``null``: the scoring crops), :class:`~xvlm.zeroshot.regions.RegionCrops`.
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8, split: Literal["val", "test"] = "val",
                  out_dir: str | None = None, explainer: str = "module",
-                 lazsl: LaZSLSettings | None = None) -> None:
+                 lazsl: LaZSLSettings | None = None, region_crops: RegionCrops | None = RegionCrops()) -> None:
         if every_n_epochs < 1 or num_images < 1:
             raise ValueError(f"ExplanationGallery needs every_n_epochs >= 1 and num_images >= 1; got "
                              f"{every_n_epochs} and {num_images}")
@@ -163,6 +168,7 @@ class ExplanationGallery(Callback):
         self.out_dir = out_dir
         self.explainer = explainer
         self.lazsl = lazsl
+        self.region_crops = region_crops
         self._lazsl_settings: LaZSLSettings | None = None
         self._batch: dict[str, Any] | None = None
 
@@ -183,7 +189,7 @@ class ExplanationGallery(Callback):
 
     def _explainer(self, module: ExplainableModule) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
         """``batch -> explanation`` of the gallery's explainer (``None``: the module's own ``explain``)."""
-        return named_explainer(module, self.explainer, self._lazsl_settings)
+        return named_explainer(module, self.explainer, self._lazsl_settings, self.region_crops)
 
     def _samples(self, trainer: L.Trainer) -> dict[str, Any]:
         if self._batch is None:
