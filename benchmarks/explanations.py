@@ -405,7 +405,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--explainers", nargs="+", default=None, help=f"default: all of {explainer_names()}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     parser.add_argument("--epochs", type=int, default=None, help="default: max_epochs of each method's config")
-    parser.add_argument("--images", type=int, default=128, help="validation images explained (default: 128)")
+    parser.add_argument("--images", type=int, default=64, help="validation images explained (default: 64)")
     parser.add_argument("--steps", type=int, default=16, help="insertion/deletion steps (default: 16)")
     parser.add_argument("--backbone", default="xvlm-tiny", choices=["xvlm-tiny", "xvlm-tiny-reg"],
                         help="open_clip architecture, pretrained: shapes (default: xvlm-tiny)")
