@@ -5,8 +5,12 @@ folders must be a subset of them. Image files (``.jpg``, ``.jpeg``, ``.png``, ``
 found recursively inside each class folder; other files are ignored. Side information comes from small files:
 
 - ``class_names``: JSON ``{folder: readable name}`` (e.g. ImageNet synset ``"n01440764": "tench"``); without it
-  the readable name is the folder name with ``_`` turned into spaces;
-- ``descriptors``: JSON ``{readable name: [phrases]}`` (DCLIP style), published as ``Task.descriptors``;
+  the readable name is the folder name without a numeric ``NNN.`` prefix and with ``_`` turned into spaces
+  (CUB's ``001.Black_footed_Albatross`` reads "Black footed Albatross");
+- ``descriptors``: JSON ``{readable name: [phrases]}`` (DCLIP style), published as ``Task.descriptors``. A class
+  whose readable name is not a key takes the key that spells the same name up to case, punctuation and a possessive
+  ``'s`` (:func:`class_name_key`), and that key becomes its readable name: CUB's folders take the names of DCLIP's
+  file ("Black-footed Albatross", "Brewer's Blackbird" for ``Brewer_Blackbird``);
 - ``unseen_classes``: class names held out of training (readable or folder names), given as a list, a ``.json``
   file holding a list, or a text file with one name per line (blank lines and ``#`` comments are skipped).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from datamodules.loading import ImageFiles, LabelledImages, Split, ZooDataModule, hold_out_classes
@@ -50,10 +55,28 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def _folder_name(folder: str) -> str:
+    """``folder`` without a numeric ``NNN.`` prefix, ``_`` turned into spaces."""
+    return re.sub(r"^\d+\.(?=\D)", "", folder).replace("_", " ")
+
+
+def class_name_key(name: str) -> str:
+    """The form in which class names are matched to descriptor keys: no numeric ``NNN.`` prefix, no possessive
+    ``'s``, lower case, every run of other characters than letters and digits one space.
+
+    >>> class_name_key("001.Black_footed_Albatross") == class_name_key("Black-footed Albatross")
+    True
+    >>> class_name_key("Brewer_Blackbird") == class_name_key("Brewer's Blackbird") == "brewer blackbird"
+    True
+    """
+    name = re.sub(r"'s\b", "", re.sub(r"^\d+\.(?=\D)", "", name))
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", name.lower()).split())
+
+
 def _readable_names(folders: list[str], path: str | None, source: str) -> tuple[str, ...]:
     """Readable class name per folder, from the ``class_names`` JSON map or from the folder name."""
     if path is None:
-        return tuple(folder.replace("_", " ") for folder in folders)
+        return tuple(_folder_name(folder) for folder in folders)
     mapping = _read_json(path, "class_names", source)
     if not isinstance(mapping, dict) or not all(isinstance(name, str) for name in mapping.values()):
         raise ValueError(f"{source}: class_names file {path} must hold a JSON object {{folder: readable name}}")
@@ -69,18 +92,30 @@ def _readable_names(folders: list[str], path: str | None, source: str) -> tuple[
     return names
 
 
-def _descriptors(path: str | None, names: tuple[str, ...], source: str) -> dict[str, list[str]] | None:
-    """The DCLIP descriptors of every class, read from the ``descriptors`` JSON file."""
+def _descriptors(path: str | None, names: tuple[str, ...],
+                 source: str) -> tuple[tuple[str, ...], dict[str, list[str]] | None]:
+    """The class names, each replaced by the descriptor key it matches (:func:`class_name_key`) when it is not a key
+    itself, and the DCLIP descriptors of every class, read from the ``descriptors`` JSON file."""
     if path is None:
-        return None
+        return names, None
     table = _read_json(path, "descriptors", source)
     if not isinstance(table, dict) or not all(_is_str_list(phrases) for phrases in table.values()):
         raise ValueError(f"{source}: descriptors file {path} must hold a JSON object {{class name: [phrases]}}")
-    missing = [name for name in names if name not in table]
+    by_key: dict[str, list[str]] = {}
+    for key in table:
+        by_key.setdefault(class_name_key(key), []).append(key)
+    matched = tuple(name if name in table else next(iter(by_key.get(class_name_key(name), [])), None)
+                    for name in names)
+    missing = [name for name, key in zip(names, matched) if key is None]
     if missing:
         raise ValueError(f"{source}: descriptors file {path} has no entry for the classes {missing}; "
                          f"add them to the file (keys are readable class names)")
-    return {name: list(table[name]) for name in names}
+    ambiguous = {name: by_key[class_name_key(name)] for name in names
+                 if name not in table and len(by_key[class_name_key(name)]) > 1}
+    if ambiguous:
+        raise ValueError(f"{source}: descriptors file {path} has several keys for the classes {ambiguous}; "
+                         "keep one key per class or name the classes exactly with a class_names file")
+    return matched, {key: list(table[key]) for key in matched}
 
 
 def _unseen_names(spec: str | list[str], source: str) -> list[str]:
@@ -137,11 +172,11 @@ class ImageFolderDataModule(ZooDataModule):
             if extra:
                 raise ValueError(f"{self.source}: class folders {extra} of {self._split_dir(split)} are not in the "
                                  f"train split {self._split_dir('train')}; add a train folder for each or remove them")
-        names = _readable_names(self.folders, class_names, self.source)
+        names, table = _descriptors(descriptors, _readable_names(self.folders, class_names, self.source),
+                                    self.source)
         requested = [] if unseen_classes is None else _unseen_names(unseen_classes, self.source)
         seen, unseen = hold_out_classes(requested, names, self.folders, self.source)
-        self.task = Task(source=self.source, class_names=names, seen=seen, unseen=unseen,
-                         descriptors=_descriptors(descriptors, names, self.source))
+        self.task = Task(source=self.source, class_names=names, seen=seen, unseen=unseen, descriptors=table)
 
     def _split_dir(self, split: Split) -> Path:
         """The folder of ``split`` (the validation folder for the test split when ``test_split`` is None)."""

@@ -93,6 +93,35 @@ def test_descriptors_of_the_dataset_classes_reach_the_task(tmp_path):
     assert _module(root).task.descriptors is None
 
 
+CUB_FOLDERS = {"001.Black_footed_Albatross": "Black-footed Albatross", "009.Brewer_Blackbird": "Brewer's Blackbird",
+               "107.Common_Raven": "Common Raven", "022.Chuck_will_Widow": "Chuck-will's-widow"}
+"""Folders of CUB-200-2011 and the keys of DCLIP's descriptor file for them."""
+
+
+def test_cub_folders_take_the_descriptor_files_names(tmp_path):
+    colours = {folder: (10 * k, 100, 200) for k, folder in enumerate(CUB_FOLDERS)}
+    root = write_image_tree(tmp_path / "cub", colours=colours)
+    table = {key: [f"which is a {key.lower()}"] for key in CUB_FOLDERS.values()} | {"Laysan Albatross": ["white"]}
+    (tmp_path / "descriptors.json").write_text(json.dumps(table))
+    (tmp_path / "unseen.txt").write_text("022.Chuck_will_Widow\n")
+    dm = _module(root, descriptors=str(tmp_path / "descriptors.json"), unseen_classes=str(tmp_path / "unseen.txt"))
+    expected = tuple(CUB_FOLDERS[folder] for folder in sorted(CUB_FOLDERS))
+    assert dm.task.class_names == expected
+    assert dm.task.descriptors == {key: table[key] for key in expected}
+    assert [dm.task.class_names[c] for c in dm.task.unseen] == ["Chuck-will's-widow"]
+    assert _module(root).task.class_names == ("Black footed Albatross", "Brewer Blackbird", "Chuck will Widow",
+                                              "Common Raven")
+
+
+def test_descriptor_keys_that_spell_one_class_twice_are_refused(tmp_path):
+    root = write_image_tree(tmp_path / "data")
+    table = {"sea-lion": ["which has flippers"], "Sea Lion": ["which barks"], "ant": ["small"], "Zebra": ["striped"]}
+    (tmp_path / "descriptors.json").write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=r"descriptors file .*descriptors.json has several keys for the classes "
+                                         r"\{'sea lion': \['sea-lion', 'Sea Lion'\]\}"):
+        _module(root, descriptors=str(tmp_path / "descriptors.json"))
+
+
 def _unseen_spec(tmp_path, form: str):
     if form == "readable":
         return ["sea lion", "Zebra"]
