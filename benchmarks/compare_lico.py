@@ -1,6 +1,6 @@
 """The honest LICO comparison: CLIPFineTune, the CE baseline and LICO on Shapes ``attributes``, 3 seeds each.
 
-``python benchmarks/compare_lico.py`` (about 17 min on 2 CPU cores; ``--seeds``, ``--epochs`` to change) trains
+``python benchmarks/compare_lico.py`` (about 30 min on 2 CPU cores; ``--seeds``, ``--epochs`` to change) trains
 each method from the tiny Shapes backbone with the same budget (epochs, batch and samples of
 ``configs/lico/shapes.yaml``; each method's optimiser settings from its own Shapes config), then evaluates the
 final weights once on the validation split (no model selection happens, so it is a held-out set here) with the
@@ -9,9 +9,12 @@ same callbacks for every method:
 - ``seen_top1``: per-class top-1 among the 192 seen classes (the classifier for CE/LICO, zero-shot prompts for
   CLIPFineTune);
 - ``lazsl_unseen``: LaZSL top-1 on the 64 unseen classes through the method's (fine-tuned) towers;
-- ``ins``/``del``/``overall``: insertion/deletion AUCs of the method's ``explain`` maps (Grad-CAM for CE/LICO,
-  patch–prompt similarity for CLIPFineTune) for its predicted class, and ``ins − del``;
-- ``mass``, ``pointing``: saliency share inside the object mask and the pointing game.
+- ``ins``/``del``/``overall``: insertion/deletion AUCs of the maps of the method's predicted class, and
+  ``ins − del``;
+- ``mass``, ``pointing``: saliency share inside the object mask and the pointing game;
+
+the last four once per explainer: the method's default (``explain()``, integrated gradients) and its former default
+(:data:`FORMER_DEFAULTS`: Grad-CAM for CE/LICO, the patch–prompt map for CLIPFineTune), on the same weights.
 
 It prints a Markdown table of mean ± std over seeds, the per-seed rows, and the command line; paste them into
 ``docs/results.md``.
@@ -37,6 +40,9 @@ from xvlm.methods import LICO, CLIPFineTune  # noqa: E402
 from xvlm.zeroshot import LaZSL  # noqa: E402
 
 LICO_CONFIG = "configs/lico/shapes.yaml"
+FORMER_DEFAULTS = {"CLIPFineTune": "patch_prompt", "LICO": "gradcam"}
+"""What each method's ``explain()`` drew before the explainers became configurable (captum-backed): the last
+block's patch–prompt cosine for CLIP fine-tuning, Grad-CAM for LICO (and so for the CE baseline)."""
 CLIP_CONFIG = "configs/clip/shapes.yaml"
 COLUMNS = {
     "seen_top1": "val/seen_top1",
@@ -77,13 +83,24 @@ def fit(
     return trainer, module, data
 
 
-def run(build: Callable[[], L.LightningModule], data_args: dict, seed: int, epochs: int) -> dict[str, float]:
-    """Train one module for ``epochs`` and return the validation metrics of its final weights."""
-    callbacks = [SaliencyEvaluation(max_batches=4, steps=16), LaZSL(n_crops=16, split="unseen", max_batches=8)]
-    trainer, module, data = fit(build, data_args, seed, epochs, callbacks)
-    trainer.limit_val_batches = 1.0
-    (metrics,) = trainer.validate(module, data, verbose=False)
-    return {column: float(metrics[key]) for column, key in COLUMNS.items()}
+def run(build: Callable[[], L.LightningModule], data_args: dict, seed: int,
+        epochs: int) -> dict[str, dict[str, float]]:
+    """Train one module for ``epochs``; the validation metrics of its final weights per explainer (its default, then
+    its former default), the LaZSL column measured once."""
+    _, module, data = fit(build, data_args, seed, epochs)
+    former = FORMER_DEFAULTS[type(module).__name__]
+    rows = {}
+    for explainer in (module.explainer_name, former):
+        callbacks = [SaliencyEvaluation(max_batches=4, steps=16, explainer=explainer)]
+        if not rows:
+            callbacks.append(LaZSL(n_crops=16, split="unseen", max_batches=8))
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=callbacks)
+        (metrics,) = trainer.validate(module, data, verbose=False)
+        rows[explainer if not rows else f"{explainer} (former default)"] = {
+            column: float(metrics[key]) for column, key in COLUMNS.items() if key in metrics}
+    lazsl = next(iter(rows.values()))["lazsl_unseen"]
+    return {explainer: {**row, "lazsl_unseen": lazsl} for explainer, row in rows.items()}
 
 
 def mean_std(values: list[float]) -> str:
@@ -97,29 +114,29 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: max_epochs of the LICO Shapes config")
     args = parser.parse_args()
     config = yaml.safe_load(open(LICO_CONFIG))
-    epochs = args.epochs or config["trainer"]["max_epochs"]
+    epochs = config["trainer"]["max_epochs"] if args.epochs is None else args.epochs
     lico_args = config["model"]["init_args"]
     clip_args = yaml.safe_load(open(CLIP_CONFIG))["model"]["init_args"]
     data_args = config["data"]["init_args"]
-    results: dict[str, list[dict[str, float]]] = {}
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for name, build in methods(lico_args, clip_args).items():
         for seed in args.seeds:
             start = time.perf_counter()
-            row = run(build, data_args, seed, epochs)
-            results.setdefault(name, []).append(row)
-            print(f"{name} seed {seed} ({time.perf_counter() - start:.0f} s): {row}", flush=True)
+            for explainer, row in run(build, data_args, seed, epochs).items():
+                results.setdefault((name, explainer), []).append(row)
+                print(f"{name} seed {seed}, {explainer} ({time.perf_counter() - start:.0f} s): {row}", flush=True)
     print(f"\nCommand: python {' '.join(sys.argv)}   ({len(args.seeds)} seeds, {epochs} epochs, "
           f"{data_args['train_size']} images/epoch, batch {data_args['batch_size']})\n")
-    print("| method | " + " | ".join(COLUMNS) + " |")
-    print("|---|" + "---:|" * len(COLUMNS))
-    for name, rows in results.items():
-        print(f"| {name} | " + " | ".join(mean_std([r[c] for r in rows]) for c in COLUMNS) + " |")
+    print("| method | explainer | " + " | ".join(COLUMNS) + " |")
+    print("|---|---|" + "---:|" * len(COLUMNS))
+    for (name, explainer), rows in results.items():
+        print(f"| {name} | {explainer} | " + " | ".join(mean_std([r[c] for r in rows]) for c in COLUMNS) + " |")
     print("\nPer seed:\n")
-    print("| method | seed | " + " | ".join(COLUMNS) + " |")
-    print("|---|---:|" + "---:|" * len(COLUMNS))
-    for name, rows in results.items():
+    print("| method | explainer | seed | " + " | ".join(COLUMNS) + " |")
+    print("|---|---|---:|" + "---:|" * len(COLUMNS))
+    for (name, explainer), rows in results.items():
         for seed, row in zip(args.seeds, rows):
-            print(f"| {name} | {seed} | " + " | ".join(f"{row[c]:.3f}" for c in COLUMNS) + " |")
+            print(f"| {name} | {explainer} | {seed} | " + " | ".join(f"{row[c]:.3f}" for c in COLUMNS) + " |")
 
 
 if __name__ == "__main__":

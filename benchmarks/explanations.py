@@ -48,7 +48,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 import xvlm.methods  # noqa: E402
-from benchmarks.compare_lico import fit  # noqa: E402
+from benchmarks.compare_lico import FORMER_DEFAULTS, fit  # noqa: E402
 from benchmarks.mass_in_mask import top_descriptor_maps  # noqa: E402
 from benchmarks.timing import best_seconds_in_turn  # noqa: E402
 from xvlm.explain import denormalise, save_figure  # noqa: E402
@@ -74,9 +74,6 @@ MAP_COLUMNS = {"pointing": "pointing ↑", "mass_in_mask": "mass ↑", "topk_iou
 LAZSL_COLUMNS = {key: MAP_COLUMNS[key] for key in ("pointing", "mass_in_mask", "topk_iou", "ms_per_image")}
 GALLERY_IMAGES = 4
 PANEL_INCHES = 1.4
-FORMER_DEFAULTS = {"CLIPFineTune": "patch_prompt", "LICO": "gradcam"}
-"""What each method's ``explain()`` drew before the explainers became configurable (captum-backed): the last
-block's patch–prompt cosine for CLIP fine-tuning, Grad-CAM for LICO."""
 TARGET_POINTING, TARGET_MASS_RATIO, TARGET_LAZSL_RATIO = 0.9, 4.0, 2.0
 """The targets a default must reach on Shapes: pointing, mass in mask over the uniform share, and the same ratio
 for LaZSL's top-descriptor map."""
