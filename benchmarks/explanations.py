@@ -49,7 +49,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 import xvlm.methods  # noqa: E402
 from benchmarks.compare_lico import FORMER_DEFAULTS, fit  # noqa: E402
-from benchmarks.mass_in_mask import top_descriptor_maps  # noqa: E402
+from benchmarks.mass_in_mask import check_backbone, top_descriptor_maps  # noqa: E402
 from benchmarks.timing import best_seconds_in_turn  # noqa: E402
 from xvlm.explain import denormalise, save_figure  # noqa: E402
 from xvlm.explain.explainers import attribution_maps, check_explainer, explainer_names  # noqa: E402
@@ -61,7 +61,6 @@ from xvlm.metrics.saliency import (  # noqa: E402
     localisation_scores,
     uniform_mass_in_mask,
 )
-from xvlm.shapes_pretraining import checkpoint_root  # noqa: E402
 from xvlm.zeroshot import LaZSLSettings  # noqa: E402
 from xvlm.zeroshot.regions import RegionCrops, explain_lazsl  # noqa: E402
 
@@ -466,14 +465,6 @@ def parse_options(argv: list[str] | None = None) -> Options:
     return Options(methods=args.methods, explainers=args.explainers or explainer_names(), seeds=args.seeds,
                    epochs=args.epochs, images=args.images, steps=args.steps, backbone=args.backbone,
                    repeats=args.repeats, time_images=args.time_images, chunk=args.chunk, out=args.out)
-
-
-def check_backbone(name: str) -> None:
-    """Warn when the Shapes weights of ``name`` are not cached: ``pretrained: shapes`` will build them first."""
-    path = checkpoint_root() / "backbones" / f"{name}-shapes.pt"
-    if not path.is_file():
-        print(f"note: {path} is not cached; building the Shapes backbone first can take a long time (set "
-              "XVLM_CHECKPOINT_DIR to a folder that has it).", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
