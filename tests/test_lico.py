@@ -119,6 +119,21 @@ def test_the_transport_term_alone_trains_the_mapper(shapes):
     assert module.prompts.context.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("encoder", ["clip", "timm:resnet18"])
+def test_one_step_on_the_transport_term_alone_moves_the_image_encoder(shapes, encoder):
+    extra = {} if encoder == "clip" else {"input_size": 64}
+    module = make_lico(shapes, alpha=0.0, lambda_ce=0.0, image_encoder=encoder, **extra)
+    tower = module.backbone.image_tower
+    before = {name: p.detach().clone() for name, p in tower.named_parameters()}
+    optimizer = torch.optim.SGD(module.parameter_groups(), lr=1.0)
+    out = module.losses(first_batch(shapes))
+    assert set(out) == {"ce", "ot", "loss", "acc"} and torch.equal(out["loss"].detach(), out["ot"].detach())
+    out["loss"].backward()
+    optimizer.step()
+    moved = [name for name, p in tower.named_parameters() if not torch.equal(p, before[name])]
+    assert len(moved) > len(before) // 2, moved  # the transport gradient reaches the encoder, not just its top
+
+
 def test_ce_baseline_never_runs_the_text_side(shapes, monkeypatch):
     module = make_lico(shapes, alpha=0.0, beta=0.0)
     monkeypatch.setattr(module.prompts, "encode_variants", lambda *a, **k: pytest.fail("text side ran"))
@@ -204,10 +219,9 @@ def test_explainer_option_selects_any_registered_explainer_and_checks_the_tower(
         make_lico(shapes, saliency="gradcam++")
 
 
-def test_timm_encoder_uses_its_channels_as_tokens_and_has_no_zero_shot_encoder(shapes):
+def test_timm_encoder_uses_its_channels_as_tokens(shapes):
     module = make_lico(shapes, image_encoder="timm:resnet18", input_size=64)
     assert (module.num_tokens, module.token_dim) == (512, 4)  # 64 px / stride 32 = 2x2 map
-    assert module.zero_shot_encoder() is None
     module.losses(first_batch(shapes))["loss"].backward()
     assert module.backbone.image_tower.model.conv1.weight.grad.abs().sum() > 0
     text_tower = [p for name, p in module.backbone.clip.named_parameters() if not name.startswith("logit_")]
@@ -247,19 +261,57 @@ def test_head_lr_applies_to_licos_own_parts_only(shapes):
     assert len(lr_of) == sum(p.requires_grad for p in module.parameters())
 
 
-def test_lazsl_is_skipped_with_one_warning_for_a_timm_encoder(shapes):
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory):
+    """An ``xvlm-tiny`` open_clip state dict on disk: ``pretrained=<file>`` loads it into both towers."""
+    from xvlm.backbones import VisionLanguageModel
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("clip") / "xvlm-tiny.pt"
+    torch.save(VisionLanguageModel("xvlm-tiny", pretrained=None).clip.state_dict(), path)
+    return path
+
+
+def test_a_timm_encoder_leaves_lazsl_the_frozen_clip(shapes, clip_weights):
+    from xvlm.backbones import VisionLanguageModel
+
+    module = make_lico(shapes, image_encoder="timm:resnet18", input_size=64, pretrained=str(clip_weights))
+    keys = set(module.state_dict())
+    encoder = module.zero_shot_encoder()
+    assert isinstance(encoder, VisionLanguageModel) and encoder.text_aligned_images
+    assert module.zero_shot_encoder() is encoder  # built once
+    saved = torch.load(clip_weights, weights_only=True)
+    assert set(encoder.clip.state_dict()) == set(saved)
+    assert all(torch.equal(value, saved[name]) for name, value in encoder.clip.state_dict().items())
+    assert all(not p.requires_grad for p in encoder.parameters())
+    # neither trained nor checkpointed: not a submodule
+    assert set(module.state_dict()) == keys
+    assert not {id(p) for p in encoder.parameters()} & {id(p) for p in module.parameters()}
+
+
+def test_lazsl_scores_of_a_timm_lico_stay_constant_while_it_trains(shapes, clip_weights):
     from types import SimpleNamespace
 
     from xvlm.zeroshot import LaZSL
 
-    module = make_lico(shapes, image_encoder="timm:resnet18", input_size=64)
-    trainer = SimpleNamespace(datamodule=shapes, sanity_checking=False)
+    module = make_lico(shapes, image_encoder="timm:resnet18", input_size=64, pretrained=str(clip_weights))
+    trainer = SimpleNamespace(datamodule=shapes, sanity_checking=False, current_epoch=0,
+                              state=SimpleNamespace(fn="validate"))
     callback = LaZSL(n_crops=2)
-    with pytest.warns(UserWarning, match="LaZSL is skipped: LICO has no zero-shot encoder"):
-        callback.setup(trainer, module, "fit")
+    callback.setup(trainer, module, "fit")
     callback.on_validation_epoch_start(trainer, module)
-    callback.on_validation_batch_end(trainer, module, None, first_batch(shapes), 0)
-    callback.on_validation_epoch_end(trainer, module)  # nothing scored, nothing logged, no error
+    images = next(iter(shapes.val_dataloader()))
+    callback.on_validation_batch_end(trainer, module, None, images, 0)
+    unseen = int(torch.isin(images["label"], torch.tensor(shapes.task.unseen)).sum())
+    assert int(callback._metrics[""].total.sum()) == unseen > 0  # scored
+    with torch.no_grad():
+        before = callback.score(module.zero_shot_encoder(), images["image"], images["index"]).scores
+    optimizer = torch.optim.SGD(module.parameter_groups(), lr=1.0)
+    module.losses(first_batch(shapes))["loss"].backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = callback.score(module.zero_shot_encoder(), images["image"], images["index"]).scores
+    assert torch.equal(before, after)
 
 
 def test_init_weights_fill_the_task_dependent_parts_too(shapes, tmp_path):
@@ -270,10 +322,20 @@ def test_init_weights_fill_the_task_dependent_parts_too(shapes, tmp_path):
         assert torch.equal(copy.state_dict()[name], source.state_dict()[name]), name
 
 
-def test_building_with_a_timm_encoder_leaves_its_batch_norm_statistics_and_mode_alone():
-    module = LICO(image_encoder="timm:resnet18", input_size=32, model="xvlm-tiny", pretrained=None, n_ctx=2,
-                  mapper_hidden=8)  # a 1 x 1 feature map: a train-mode probe would fail in batch norm
+def test_building_with_a_timm_encoder_leaves_its_batch_norm_statistics_and_mode_alone(tmp_path):
+    import timm
+
+    torch.manual_seed(6)
+    loaded = timm.create_model("resnet18", num_classes=0, global_pool="")
+    statistics = {}
+    for name, buffer in loaded.named_buffers():  # loaded weights carry statistics of their own
+        buffer.copy_(torch.randint(1, 50, buffer.shape) if buffer.dtype == torch.long else torch.rand(buffer.shape))
+        statistics[name] = buffer.clone()
+    torch.save(loaded.state_dict(), tmp_path / "resnet18.pt")
+    module = LICO(image_encoder="timm:resnet18", encoder_weights=str(tmp_path / "resnet18.pt"), input_size=32,
+                  model="xvlm-tiny", pretrained=None, n_ctx=2, mapper_hidden=8)  # 1 x 1 map: train-mode BN fails
     tower = module.backbone.image_tower.model
-    assert torch.equal(tower.bn1.running_mean, torch.zeros_like(tower.bn1.running_mean))
-    assert int(tower.bn1.num_batches_tracked) == 0
+    assert len(statistics) == 3 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in tower.modules())
+    for name, buffer in tower.named_buffers():
+        assert torch.equal(buffer, statistics[name]), name
     assert module.training and tower.training

@@ -26,7 +26,9 @@ class, which localises best on the Shapes benchmark, ``docs/explanations.md``); 
 ``model`` (``image_encoder='clip'``) its last block's patch tokens projected into the joint space and laid out as
 ``[B, D, h, w]``, so ``N = D`` and ``d' = h·w``; with a timm model (``image_encoder='timm:<name>'``, a base
 argument) ``forward_features``. With the CLIP tower, :meth:`zero_shot_encoder` returns the fine-tuned towers for
-LaZSL; with a timm encoder there is no text-aligned image embedding and it returns ``None`` (LaZSL then skips).
+LaZSL; a timm encoder has no text-aligned image embedding, so it returns the frozen CLIP of ``model`` and
+``pretrained`` (both towers, built on first use and kept out of the parameters and checkpoints), and LaZSL's
+numbers stay constant across epochs (spec §2.5).
 Everything else LICO shares with every method (backbone arguments, evaluation, optimiser groups with ``head_lr``
 for LICO's own parts, ``init_weights``) comes from :class:`~xvlm.methods.base.XVLMModule`; the base defaults
 (``xvlm-tiny`` Shapes backbone, AdamW) apply unless a config gives the paper's recipe (``configs/lico/``: SGD at
@@ -44,8 +46,17 @@ Deviations from the reference code (ymLeiFDU/LICO) and from the letter of the pa
 5. Language tokens are gathered by label once (the reference gathers twice, pairing samples with wrong classes).
 6. Class names come from the task in label order; every shape is derived from the encoder and the task.
 7. Only the classes present in the batch are encoded (the reference encodes all ``C · M`` prompts every step).
-8. Sinkhorn is the shared batched solver in float32 (also under autocast). Its stopping rule is the row-marginal
-   error ``max_n |(P 1)_n − 1/N| < ot_tol``, not the change of the scaling.
+8. Sinkhorn is the shared batched solver in float32, and the costs and affinities of both losses are built in
+   float32 with autocast off (a ``bf16-mixed`` run would otherwise build ``2 − 2 cos`` and ``A^F``, ``A^G`` in
+   bfloat16). Each sample's problem stops on its own once its relative row-marginal error
+   ``max_n |(P 1)_n − 1/N| · N`` is below ``ot_tol`` (``ot_stop_rule='relative'``), which means the same accuracy
+   at every ``N``. The default 1e-4 lies between what the reference's rule reaches at CIFAR-10's ``N = 128``
+   (about 2e-4 on random features) and CIFAR-100's ``N = 512`` (about 5e-5), and ``ot_max_iter = 1000`` (the
+   reference's 100) lets the tolerance, not the cap, end the iterations on hard problems (low-rank features need
+   100-250; random ones about 10). The reference stops when ``mean_b Σ_n |Δφ_n| < 1e-3`` for the dual potentials
+   ``φ = ε log u``, a threshold that tightens with ``N``; ``ot_stop_rule='reference'`` applies it per sample (the
+   reference averages it over the batch, so a sample's plan depends on its batch), with ``ot_max_iter = 100`` for
+   the reference's cap.
 9. The classifier is trained on the task's seen classes only (unseen classes are LaZSL's); with no unseen
    classes this is the ordinary classifier.
 10. No unused parameters (the reference's ``logit_scale`` and 768→512 layer) and no hidden training noise.
@@ -69,13 +80,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.task import Task
+from xvlm.backbones import VisionLanguageModel
 from xvlm.methods.base import XVLMModule
-from xvlm.ot import sinkhorn
+from xvlm.ot import StopRule, float32_region, sinkhorn
 from xvlm.prompts import SoftPrompts
 from xvlm.zeroshot.lazsl import evaluating
 
 MM_SCALE_INIT = math.log(1 / 0.07)
 MM_SCALE_MAX = math.log(100.0)
+REFERENCE_OT_TOL = 1e-3
+"""The reference code's threshold on ``Σ_n |Δφ_n|`` (``ot_stop_rule='reference'``)."""
+
+
+def ot_stopping(stop_rule: str, tol: float) -> tuple[StopRule, float]:
+    """The :func:`~xvlm.ot.sinkhorn` rule and threshold of LICO's ``ot_stop_rule`` and ``ot_tol``.
+
+    ``relative``: ``('relative', tol)``; ``reference``: the reference code's ``('potential', 1e-3)``.
+
+    Raises:
+        ValueError: naming ``ot_stop_rule`` if it is neither.
+    """
+    if stop_rule == "relative":
+        return "relative", tol
+    if stop_rule == "reference":
+        return "potential", REFERENCE_OT_TOL
+    raise ValueError(f"LICO ot_stop_rule={stop_rule!r}: choose 'relative' or 'reference'")
 
 
 def log_affinity(features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -95,36 +124,62 @@ def log_affinity(features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def manifold_matching_loss(image: torch.Tensor, language: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """``L_MM = (1/B) Σ_i KL(A^G_i ‖ A^F_i)`` over ``j ≠ i`` (language affinities are the target); 0 when B < 2.
 
+    Affinities and the divergence are computed in float32 (float64 stays) with autocast off; the gradient reaches
+    both feature sets and ``log_scale``.
+
     Args:
         image: ``[B, ...]`` image features ``F_i`` (flattened per sample).
         language: ``[B, ...]`` language features ``G_i`` (flattened per sample).
         log_scale: scalar ``s``; ``κ = exp(clamp(s, 0, log 100))``.
     """
-    if len(image) < 2:
-        return image.sum() * 0
-    scale = log_scale.clamp(0, MM_SCALE_MAX).exp()
-    log_target, log_prediction = log_affinity(language, scale), log_affinity(image, scale)
-    off_diagonal = 1 - torch.eye(len(image), dtype=log_target.dtype, device=image.device)
-    return (off_diagonal * log_target.exp() * (log_target - log_prediction)).sum() / len(image)
+    with float32_region(image, language, log_scale) as (image, language, log_scale):
+        if len(image) < 2:
+            return image.sum() * 0
+        scale = log_scale.clamp(0, MM_SCALE_MAX).exp()
+        log_target, log_prediction = log_affinity(language, scale), log_affinity(image, scale)
+        off_diagonal = 1 - torch.eye(len(image), dtype=log_target.dtype, device=image.device)
+        return (off_diagonal * log_target.exp() * (log_target - log_prediction)).sum() / len(image)
 
 
 def transport_cost(visual: torch.Tensor, language: torch.Tensor) -> torch.Tensor:
-    """``C_nm = ‖f̂_n − ĝ_m‖² = 2 − 2 cos(f_n, g_m)``: ``[B, N, M]`` from ``[B, N, d']`` and ``[B, M, d']``."""
-    return 2 - 2 * F.normalize(visual, dim=-1) @ F.normalize(language, dim=-1).transpose(1, 2)
+    """``C_nm = ‖f̂_n − ĝ_m‖² = 2 − 2 cos(f_n, g_m)``: ``[B, N, M]`` from ``[B, N, d']`` and ``[B, M, d']``.
+
+    Computed in float32 (float64 stays) with autocast off, differentiably in both inputs.
+    """
+    with float32_region(visual, language) as (visual, language):
+        return 2 - 2 * F.normalize(visual, dim=-1) @ F.normalize(language, dim=-1).transpose(1, 2)
 
 
-def optimal_transport_loss(visual: torch.Tensor, language: torch.Tensor, eps: float = 0.1, max_iter: int = 100,
-                           tol: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def optimal_transport_loss(
+    visual: torch.Tensor,
+    language: torch.Tensor,
+    eps: float = 0.1,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    stop_rule: Literal["relative", "reference"] = "relative",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``L_OT = mean_i ⟨P*_i, C_i⟩`` with the plan ``P*`` held fixed; returns ``(loss, plans [B, N, M])``.
 
-    ``P*`` is the entropic plan (uniform marginals ``1/N``, ``1/M``, regulariser ``eps``) of the detached cost,
-    solved in float32; the gradient reaches ``visual [B, N, d']`` and ``language [B, M, d']`` through ``C`` only,
-    which is the gradient of the entropic OT value with respect to ``C`` (envelope theorem).
+    ``P*`` is the entropic plan (uniform marginals ``1/N``, ``1/M``, regulariser ``eps``) of the detached cost;
+    cost, plan and loss are float32 (float64 stays) under any autocast. The gradient reaches
+    ``visual [B, N, d']`` and ``language [B, M, d']`` through ``C`` only, which is the gradient of the entropic OT
+    value with respect to ``C`` (envelope theorem).
+
+    Args:
+        visual: ``[B, N, d']`` visual tokens.
+        language: ``[B, M, d']`` language tokens.
+        eps: Sinkhorn regulariser.
+        max_iter: most Sinkhorn iterations per sample.
+        tol: with ``stop_rule='relative'``, a sample's Sinkhorn stops once ``max_n |(P 1)_n − 1/N| · N < tol``.
+        stop_rule: ``relative``, or ``reference``: the reference code's ``Σ_n |Δφ_n| < 1e-3`` on the dual
+            potentials (:data:`REFERENCE_OT_TOL`; ``tol`` is not used), per sample.
     """
-    cost = transport_cost(visual.float(), language.float())
-    with torch.no_grad(), torch.autocast(cost.device.type, enabled=False):
-        plan = sinkhorn(cost.detach(), eps=eps, max_iter=max_iter, tol=tol)
-    return (plan * cost).sum(dim=(1, 2)).mean(), plan
+    rule, threshold = ot_stopping(stop_rule, tol)
+    cost = transport_cost(visual, language)
+    with torch.no_grad():
+        plan = sinkhorn(cost.detach(), eps=eps, max_iter=max_iter, tol=threshold, stop_rule=rule)
+    with float32_region(cost) as (cost,):
+        return (plan * cost).sum(dim=(1, 2)).mean(), plan
 
 
 class LICO(XVLMModule):
@@ -141,8 +196,12 @@ class LICO(XVLMModule):
         mapper_dropout: dropout of ``h_ψ``.
         mm_features: ``flattened`` maps or ``pooled`` features for ``L_MM``.
         ot_eps: Sinkhorn regulariser.
-        ot_max_iter: most Sinkhorn iterations.
-        ot_tol: Sinkhorn tolerance on the row marginals.
+        ot_max_iter: most Sinkhorn iterations per sample (the reference caps at 100).
+        ot_tol: with ``ot_stop_rule='relative'``, a sample's Sinkhorn stops once its relative row-marginal error
+            ``max_n |(P 1)_n − 1/N| · N`` is below ``ot_tol`` (deviation 8).
+        ot_stop_rule: ``relative``, or ``reference``: the reference code's rule ``Σ_n |Δφ_n| < 1e-3`` on the dual
+            potentials ``φ = ε log u``, applied per sample (``ot_tol`` is then not used; set ``ot_max_iter=100``
+            for the reference's cap).
         **kwargs: :class:`XVLMModule` arguments (``model`` is the open_clip model whose text tower encodes the
             prompts; ``image_encoder``, ``input_size`` — required for a timm encoder, it fixes ``d' = h·w`` —,
             ``head_lr`` for LICO's own parts, optimiser, ``init_weights``, ``explainer`` for :meth:`explain`:
@@ -162,10 +221,12 @@ class LICO(XVLMModule):
         mapper_dropout: float = 0.5,
         mm_features: Literal["flattened", "pooled"] = "flattened",
         ot_eps: float = 0.1,
-        ot_max_iter: int = 100,
-        ot_tol: float = 1e-3,
+        ot_max_iter: int = 1000,
+        ot_tol: float = 1e-4,
+        ot_stop_rule: Literal["relative", "reference"] = "relative",
         **kwargs: Any,
     ) -> None:
+        ot_stopping(ot_stop_rule, ot_tol)  # an unknown rule fails here, before the backbone is built
         super().__init__(**kwargs)
         if not self.backbone.text_aligned_images and self.hparams.input_size is None:
             raise ValueError(f"LICO(image_encoder={self.hparams.image_encoder!r}) needs input_size (the image side it "
@@ -181,6 +242,24 @@ class LICO(XVLMModule):
         self.mm_log_scale = nn.Parameter(torch.tensor(MM_SCALE_INIT))
         self.prompts: SoftPrompts | None = None
         self.head: nn.Linear | None = None
+        self._frozen_clip: VisionLanguageModel | None = None
+
+    def zero_shot_encoder(self) -> VisionLanguageModel:
+        """The towers LaZSL scores with: the current CLIP towers, or with a timm encoder the frozen CLIP.
+
+        A timm encoder has no text-aligned image embedding, so LaZSL runs on the frozen CLIP of ``model`` and
+        ``pretrained`` (both towers, ``requires_grad=False``; spec §2.5). It is built on first use and held outside
+        the module tree (``model`` and ``pretrained`` define it, so it is neither trained nor checkpointed), and
+        moved to the device and dtype of the module's own towers on every call.
+        """
+        if self.backbone.text_aligned_images:
+            return self.backbone
+        with torch.inference_mode(False):  # first use may come inside a validation loop
+            if self._frozen_clip is None:
+                clip = VisionLanguageModel(self.hparams.model, self.hparams.pretrained, freeze="all").eval()
+                self.__dict__["_frozen_clip"] = clip  # a plain attribute: not a submodule
+            own = self.backbone.logit_scale
+            return self._frozen_clip.to(device=own.device, dtype=own.dtype)
 
     # ----------------------------------------------------------------- task-dependent parts
     def build_task_parts(self, task: Task) -> None:
@@ -241,7 +320,8 @@ class LICO(XVLMModule):
                 out["mm"] = manifold_matching_loss(image_side, text_side, self.mm_log_scale)
                 loss = loss + hp.alpha * out["mm"]
             if hp.beta:
-                out["ot"] = optimal_transport_loss(visual, language, hp.ot_eps, hp.ot_max_iter, hp.ot_tol)[0]
+                out["ot"] = optimal_transport_loss(visual, language, hp.ot_eps, hp.ot_max_iter, hp.ot_tol,
+                                                   hp.ot_stop_rule)[0]
                 loss = loss + hp.beta * out["ot"]
         out["loss"] = loss
         out["acc"] = (logits.argmax(dim=1) == target).float().mean()
