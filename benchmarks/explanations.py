@@ -223,7 +223,7 @@ def region_crop_grid() -> dict[str, RegionCrops | None]:
         f"scoring crops alone ({LaZSLSettings.n_crops} of side {LaZSLSettings.alpha}–{LaZSLSettings.beta})": None,
         f"{label(shipped)} (shipped)": shipped,
     }
-    for crops in (RegionCrops(32, 0.1, 0.25), RegionCrops(64, 0.1, 0.3), RegionCrops(48, 0.1, 0.2),
+    for crops in (RegionCrops(48, 0.1, 0.25), RegionCrops(32, 0.1, 0.25), RegionCrops(64, 0.1, 0.3),
                   RegionCrops(32, 0.2, 0.5)):
         grid[label(crops)] = crops
     return grid
