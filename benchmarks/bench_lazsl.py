@@ -3,7 +3,7 @@
 ``python benchmarks/bench_lazsl.py`` prints two tables:
 
 1. :func:`xvlm.zeroshot.lazsl_scores` against a reference-style loop (one Sinkhorn per class, batched over the
-   images, as the official code runs it) on random unit features, both stopping on the same marginal tolerance:
+   images, as the official code runs it) on random unit features, both stopping on the same relative marginal tolerance:
    the largest score difference, the speed ratio, and the score gap of the reference's own stopping rule
    (batch mean of ``|Δu| < 1e-2``) to the converged scores.
 2. One LaZSL evaluation step (views, image encoder on ``B (1 + N)`` views, OT scoring) with the tiny backbone
@@ -36,8 +36,8 @@ def reference_scores(
 
     For each class: the view–descriptor similarities of the batch, the kernel, a scaling-form Sinkhorn batched over
     the images with ``K @ c`` and a transposed copy of ``K`` in every iteration and a host sync per check, a NaN
-    check, the score. ``stop='marginal'`` ends a class once ``max |r ⊙ K c − μ| < TOL`` over the image batch (our
-    rule); ``stop='reference'`` once the batch mean of ``|Δr|`` is below 1e-2 (the official rule).
+    check, the score. ``stop='marginal'`` ends a class once ``max |r ⊙ K c − μ| / μ < TOL`` over the image batch's
+    kept crops (our rule); ``stop='reference'`` once the batch mean of ``|Δr|`` is below 1e-2 (the official rule).
     """
     views = torch.cat([glob[:, None], crops], dim=1)
     mu = keep / keep.sum(dim=1, keepdim=True)
@@ -50,7 +50,7 @@ def reference_scores(
         r, c = torch.ones_like(mu), torch.ones_like(nu)
         for step in range(MAX_ITER):
             kc = torch.matmul(kernel, c.unsqueeze(-1)).squeeze(-1)
-            if step and stop == "marginal" and (r * kc - mu).abs().max().item() < TOL:
+            if step and stop == "marginal" and ((r * kc - mu).abs() / mu.clamp_min(1e-30)).max().item() < TOL:
                 break
             previous, r = r, mu / kc
             c = nu / torch.matmul(kernel.permute(0, 2, 1).contiguous(), r.unsqueeze(-1)).squeeze(-1)
