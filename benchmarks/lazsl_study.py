@@ -9,6 +9,8 @@ unseen top-1 (per-class mean, argmax over the unseen classes, as the LaZSL callb
 - **DCLIP**: the mean cosine of the global view with the class's descriptor sentences;
 - **CLIP class prompts on the crops**: the same prompts against each crop's feature, averaged over the crops
   (a diagnostic: how well the towers read a crop at all);
+- **WCA** and **AWT** (:mod:`xvlm.zeroshot.scorers`) on the same crops (all of them; both weight the crops
+  themselves) and descriptors, the class-name prompts being CLIPFineTune's class text features;
 - **LaZSL** over ``θ ∈ {0, 0.5, 0.8, 1}``, ``α ∈ {0.3, 0.6}`` (``β`` stays 0.9), ``N ∈ {16, 48}`` crops and the
   crop seeds ``--seeds`` (mean ± std over seeds), every other option at its default.
 
@@ -38,6 +40,7 @@ from xvlm.methods import CLIPFineTune  # noqa: E402
 from xvlm.metrics import GZSLMetrics  # noqa: E402
 from xvlm.zeroshot import LaZSLSettings, descriptor_sentences, encode_descriptors, lazsl_scores  # noqa: E402
 from xvlm.zeroshot.lazsl import image_seeds, make_views  # noqa: E402
+from xvlm.zeroshot.scorers import awt_scores, wca_scores  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "clip" / "shapes.yaml"
 THETAS = (0.0, 0.5, 0.8, 1.0)
@@ -118,6 +121,10 @@ def main(argv: list[str] | None = None) -> None:
                                             class_text)
                     rows.setdefault(f"CLIP class prompts on the crops, α={alpha}, N={n_crops}", []).append(
                         unseen_top1(data.metric, on_crops, data))
+                    for name, scorer in (("WCA", wca_scores), ("AWT", awt_scores)):
+                        scores = scorer(feats[:, 1:], feats[:, 0], descriptors, desc_mask, class_text)
+                        rows.setdefault(f"{name}, α={alpha}, N={n_crops}", []).append(
+                            unseen_top1(data.metric, scores, data))
                     for theta in THETAS:
                         out = lazsl_scores(feats[:, 1:], feats[:, 0], descriptors, desc_mask,
                                            LaZSLSettings(alpha=alpha, n_crops=n_crops, seed=seed, theta=theta),
@@ -131,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     best = max(overlaps, key=lambda label: statistics.mean(rows[label]))
     print(f"{len(data.labels)} unseen-class images of {len(data.classes)} classes; crop seeds {args.seeds}\n")
     print("| scorer | unseen top-1 |\n|---|---:|")
-    for label in ("CLIP class prompts", "DCLIP", *(label for label in rows if "on the crops" in label), *overlaps):
+    groups = ("CLIP class prompts on the crops", "WCA", "AWT")
+    others = sorted((label for label in rows if label.split(",")[0] in groups), key=lambda label: label.split(",")[0])
+    for label in ("CLIP class prompts", "DCLIP", *others, *overlaps):
         values = rows[label]
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
         marks = " (default)" if label == default else " (best)" if label == best else ""
