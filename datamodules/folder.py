@@ -139,7 +139,8 @@ class ImageFolderDataModule(ZooDataModule):
 
     Train batches hold seen classes only; validation and test batches hold every class, flagged by ``seen``.
     Items: ``image`` ``[3, S, S]`` float (CLIP-normalised), ``label``, ``index`` (position in the split's dataset)
-    and ``seen``.
+    and ``seen``. ``original_image(split, index)`` is the sample's file decoded at its own size, ``[3, H, W]`` uint8
+    (LaZSL cuts its crops from it, :meth:`~datamodules.loading.ZooDataModule.original_image`).
 
     Args:
         root: folder holding one sub-folder per split.

@@ -1,4 +1,10 @@
-"""What the DataModules of the zoo share: reading images, labelled image datasets and the split loaders."""
+"""What the DataModules of the zoo share: reading images, labelled image datasets and the split loaders.
+
+A datamodule whose split datasets read image files (:class:`LabelledImages` over :class:`ImageFiles`, e.g.
+``ImageFolderDataModule``) also serves each sample's **original** decoded image by its dataset ``index``
+(:meth:`ZooDataModule.original_image`), before the evaluation transform resized and centre-cropped it: LaZSL cuts
+its crops from it (``xvlm.contracts.OriginalImages``). Datasets held as arrays (Shapes, CIFAR) serve none.
+"""
 
 from __future__ import annotations
 
@@ -49,8 +55,15 @@ def hold_out_classes(requested: Sequence[str], class_names: Sequence[str], alias
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file (any format OpenCV reads, grey or with alpha) into ``[H, W, 3]`` uint8 RGB."""
-    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    """Decode an image file (any format OpenCV reads, grey or with alpha) into ``[H, W, 3]`` uint8 RGB.
+
+    Raises:
+        ValueError: naming the file when it is empty or cannot be decoded.
+    """
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0:
+        raise ValueError(f"cannot decode image file {path}: it is empty; replace or remove it")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"cannot decode image file {path}; replace or remove it")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -99,6 +112,13 @@ class LabelledImages(Dataset):
         out = apply_transform(self.transform, self.random_transform, image=self.images[index])
         return dict(image=out["image"], label=self.labels[index], index=torch.tensor(index), seen=self.seen[index])
 
+    def original(self, index: int) -> torch.Tensor | None:
+        """Item ``index``'s image as decoded from its file, ``[3, H, W]`` uint8 RGB, before any transform; None when
+        the images are in-memory arrays (CIFAR) rather than :class:`ImageFiles`."""
+        if not isinstance(self.images, ImageFiles):
+            return None
+        return torch.from_numpy(self.images[index]).permute(2, 0, 1).contiguous()
+
 
 class ZooDataModule(L.LightningDataModule):
     """Base of the zoo: serves ``self.datasets[split]`` through the train/val/test/predict loaders.
@@ -126,6 +146,19 @@ class ZooDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.datasets[split] = self.build_dataset(split)
         return self.datasets[split]
+
+    def original_image(self, split: Split, index: int) -> torch.Tensor | None:
+        """The original decoded image of sample ``index`` of ``split``: ``[3, H, W]`` uint8 RGB at the file's size.
+
+        It is the image before the split's transform (the evaluation transform resizes the short side and crops the
+        centre), so LaZSL can cut crops anywhere in it (``xvlm.contracts.OriginalImages``). None when the split's
+        dataset holds no image files (arrays already at their final size, e.g. Shapes and CIFAR).
+
+        Raises:
+            ValueError: naming the file when it is empty or cannot be decoded.
+        """
+        dataset = self.dataset(split)
+        return dataset.original(index) if isinstance(dataset, LabelledImages) else None
 
     def _loader(self, split: Split) -> DataLoader:
         workers = self.hparams.num_workers

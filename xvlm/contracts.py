@@ -4,6 +4,7 @@
 (``pyproject.toml`` declares the rule; ``lint-imports`` checks it). Every
 :class:`~xvlm.methods.base.XVLMModule` satisfies it; so does any ``LightningModule`` that provides these members,
 which is what lets a method from outside the package use the LaZSL callback, the gallery and the saliency metrics.
+:class:`OriginalImages` is the one member of a datamodule that LaZSL and its explanations use beyond ``task``.
 """
 
 from __future__ import annotations
@@ -52,3 +53,17 @@ class ExplainableModule(Protocol):
     def modules(self) -> Iterator[nn.Module]: ...
 
     def eval(self) -> nn.Module: ...
+
+
+@runtime_checkable
+class OriginalImages(Protocol):
+    """A datamodule that serves the original images of its samples (``datamodules.loading.ZooDataModule`` does).
+
+    LaZSL (:class:`xvlm.zeroshot.LaZSL`, :func:`xvlm.zeroshot.regions.lazsl_explainer`) cuts its crops from these
+    originals, wherever they fall and at full resolution, instead of from the resized, centre-cropped batch.
+    """
+
+    def original_image(self, split: str, index: int) -> torch.Tensor | None:
+        """Sample ``index`` (the batch's ``index``) of ``split`` as decoded, ``[3, H, W]`` uint8 RGB at its own size,
+        before any transform; None when the split has no originals (arrays already at model size)."""
+        ...

@@ -10,7 +10,9 @@ CLIP-normalised; without ``--images`` the first ``--num_images`` samples of ``--
 explained. One PNG per image goes to ``--out``: ``<split>_<index>.png`` or ``<position>_<file stem>.png``.
 ``--explainer`` picks the maps: the module's own ``explain`` (its configured explainer) by default, ``lazsl``
 (LaZSL's per-descriptor region heat maps, with the settings of the config's LaZSL callback; ``--lazsl`` is the
-same), or any registered explainer (:mod:`xvlm.explain.explainers`) of the predicted class.
+same), or any registered explainer (:mod:`xvlm.explain.explainers`) of the predicted class. LaZSL cuts its crops
+from the original images (the files of ``--images``, or the datamodule's ``original_image`` of ``--split`` when it
+serves them) and draws its maps on them.
 Any other argument (``--model.init_args.templates ...``) goes to the CLI's parser, as in ``xvlm fit``.
 """
 
@@ -31,7 +33,7 @@ from PIL import Image
 from datamodules.transforms import eval_transform
 from xvlm.checkpointing import check_checkpoint_class, class_path
 from xvlm.explain.explainers import check_explainer, explainer_names
-from xvlm.explain.gallery import first_samples, named_explainer, render_batch, sample_names
+from xvlm.explain.gallery import first_samples, named_explainer, original_reader, render_batch, sample_names
 from xvlm.explain.render import save_figure
 from xvlm.methods.base import XVLMModule
 from xvlm.zeroshot import lazsl_settings_of
@@ -62,14 +64,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_rgb(path: str | Path) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB of an image file, read with PIL."""
+    with Image.open(path) as file:
+        return np.array(file.convert("RGB"))
+
+
 def load_images(paths: Sequence[str | Path], image_size: int) -> dict[str, torch.Tensor]:
-    """Image files as a batch ``{"image": [N, 3, S, S]}``: RGB, resized to ``S`` and CLIP-normalised."""
+    """Image files as a batch ``{"image": [N, 3, S, S], "index": [N]}``: RGB, resized to ``S`` and CLIP-normalised;
+    ``index`` is each file's position in ``paths`` (it seeds LaZSL's crops and names the original)."""
     transform = eval_transform(image_size)
-    images = []
-    for path in paths:
-        with Image.open(path) as file:
-            images.append(transform(image=np.asarray(file.convert("RGB")))["image"])
-    return {"image": torch.stack(images)}
+    images = [transform(image=_read_rgb(path))["image"] for path in paths]
+    return {"image": torch.stack(images), "index": torch.arange(len(paths))}
+
+
+def original_files(paths: Sequence[str | Path]) -> Callable[[int], torch.Tensor]:
+    """``index -> [3, H, W] uint8``: the file ``paths[index]`` as decoded, the original LaZSL cuts its crops from."""
+    return lambda index: torch.from_numpy(_read_rgb(paths[index])).permute(2, 0, 1).contiguous()
 
 
 def load_checkpoint_weights(model: XVLMModule, path: str | Path) -> None:
@@ -130,7 +141,9 @@ def explain_command(argv: Sequence[str], build_cli: Callable[..., LightningCLI])
     model.to(cli.trainer.strategy.root_device)
     out = Path(args.out)
     try:
-        explainer = named_explainer(model, explainer_name, lazsl_settings_of(cli.trainer.callbacks))
+        originals = original_files(args.images) if args.images else original_reader(datamodule, args.split)
+        explainer = named_explainer(model, explainer_name, lazsl_settings_of(cli.trainer.callbacks),
+                                    originals=originals)
         if explainer_name not in ("module", "lazsl"):
             check_explainer(explainer_name, model)
     except ValueError as error:

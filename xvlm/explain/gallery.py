@@ -7,7 +7,8 @@ with ``torch.enable_grad()`` inside ``explain``. Instead of the module's own ``e
 explainer (:func:`named_explainer`: ``lazsl`` or any of :data:`xvlm.explain.explainers.EXPLAINERS`). Modules are
 used through the :class:`xvlm.contracts.ExplainableModule` protocol only. LaZSL galleries explain with the
 trainer's LaZSL callback settings (:func:`xvlm.zeroshot.lazsl_settings_of`), so their maps explain the logged
-scores (the maps themselves over the smaller region crops, :class:`xvlm.zeroshot.regions.RegionCrops`).
+scores (the maps themselves over the smaller region crops, :class:`xvlm.zeroshot.regions.RegionCrops`), cut from the
+samples' original images when the datamodule serves them (:class:`xvlm.contracts.OriginalImages`), as the callback's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 
-from xvlm.contracts import ExplainableModule
+from xvlm.contracts import ExplainableModule, OriginalImages
 from xvlm.explain.explainers import explain_with, explainer_names
 from xvlm.explain.render import render_explanation, sample_explanation, save_figure
 from xvlm.zeroshot.lazsl import LaZSLSettings, evaluating, lazsl_settings_of
@@ -73,17 +74,25 @@ def gallery_explainers() -> list[str]:
     return ["module", "lazsl", *explainer_names()]
 
 
+def original_reader(datamodule: object, split: str) -> Callable[[int], torch.Tensor | None] | None:
+    """``index -> [3, H, W] uint8`` original image of ``split``'s samples when ``datamodule`` serves them
+    (:class:`xvlm.contracts.OriginalImages`), else None."""
+    return partial(datamodule.original_image, split) if isinstance(datamodule, OriginalImages) else None
+
+
 def named_explainer(
     module: ExplainableModule, name: str, lazsl: LaZSLSettings | None = None,
     region_crops: RegionCrops | None = RegionCrops(),
+    originals: Callable[[int], torch.Tensor | None] | None = None,
 ) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
     """``batch -> explanation`` by ``name`` (one of :func:`gallery_explainers`): ``None`` for ``module`` (the module's
     own ``explain``), LaZSL's region maps for ``lazsl`` (scored with ``lazsl`` settings, maps over ``region_crops``,
-    :func:`xvlm.zeroshot.regions.explain_lazsl`), else the registered explainer."""
+    crops cut from ``originals(index)`` when it serves the batch, :func:`xvlm.zeroshot.regions.lazsl_explainer`),
+    else the registered explainer."""
     if name == "module":
         return None
     if name == "lazsl":
-        return lazsl_explainer(module, lazsl, region_crops)
+        return lazsl_explainer(module, lazsl, region_crops, originals)
     if name not in explainer_names():
         raise ValueError(f"unknown explainer {name!r}; choose one of {', '.join(gallery_explainers())}")
     return partial(explain_with, module, explainer=name)
@@ -134,7 +143,8 @@ class ExplanationGallery(Callback):
     With ``explainer='lazsl'`` the maps are computed with the settings of the trainer's
     :class:`~xvlm.zeroshot.LaZSL` callback when it has one, so they explain the scores it logs; else with
     ``lazsl`` (or the defaults). The heat maps
-    are drawn over ``region_crops``. Giving ``lazsl`` that differs from the callback's settings is an error at setup.
+    are drawn over ``region_crops``, on the samples' original images when the datamodule serves them
+    (:func:`original_reader`). Giving ``lazsl`` that differs from the callback's settings is an error at setup.
 
     Args:
         every_n_epochs: write after epochs ``n - 1, 2n - 1, ...``.
@@ -187,9 +197,11 @@ class ExplanationGallery(Callback):
                              "gallery's lazsl (it then uses the callback's) or make the two equal.")
         self._lazsl_settings = logged if logged is not None else self.lazsl
 
-    def _explainer(self, module: ExplainableModule) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    def _explainer(self, module: ExplainableModule,
+                   trainer: L.Trainer) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
         """``batch -> explanation`` of the gallery's explainer (``None``: the module's own ``explain``)."""
-        return named_explainer(module, self.explainer, self._lazsl_settings, self.region_crops)
+        return named_explainer(module, self.explainer, self._lazsl_settings, self.region_crops,
+                               original_reader(trainer.datamodule, self.split))
 
     def _samples(self, trainer: L.Trainer) -> dict[str, Any]:
         if self._batch is None:
@@ -207,7 +219,7 @@ class ExplanationGallery(Callback):
         names = sample_names(batch, self.split)
         folder = root / f"epoch_{trainer.current_epoch:03d}"
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        for name, figure in zip(names, render_batch(pl_module, batch, names, self._explainer(pl_module))):
+        for name, figure in zip(names, render_batch(pl_module, batch, names, self._explainer(pl_module, trainer))):
             save_figure(figure, folder / f"{name}.png")
             for logger in loggers:
                 logger.experiment.add_figure(f"gallery/{name}", figure, global_step=trainer.global_step, close=False)

@@ -10,6 +10,9 @@ needs gradients, like Grad-CAM, enables them inside with ``torch.enable_grad()``
 ============================================  ===============================================================
 key (per sample)                              drawn as
 ============================================  ===============================================================
+``original_image`` ``[3, H, W]`` uint8        the image shown (under every map) instead of the normalised
+                                              batch image: the sample as decoded, at its own size (LaZSL
+                                              explanations of a datamodule's originals)
 ``predicted`` ``[]`` long                     the predicted class, named in the title of the image panel
 ``logits`` ``[C]``                            adds the predicted class's softmax probability to that title
 ``saliency`` ``[H, W]`` in [0, 1]             a heat map overlaid on the image
@@ -154,7 +157,7 @@ def render_explanation(
     """Draw one sample's explanation (keys in the module docstring).
 
     Args:
-        image: ``[3, H, W]`` CLIP-normalised image.
+        image: ``[3, H, W]`` CLIP-normalised image (not shown when the explanation has an ``original_image``).
         explanation: one sample's explanation, e.g. ``sample_explanation(module.explain(batch), i)``.
         class_names: name of every class, indexed by ``predicted`` and ``label``.
         label: true class, named under the prediction when given.
@@ -166,7 +169,8 @@ def render_explanation(
         A pyplot-free figure of ``ceil(P / MAX_COLUMNS)`` rows of ``min(P, MAX_COLUMNS)`` panels of
         ``PANEL_INCHES`` square, ``P`` being the number of panels.
     """
-    rgb = denormalise(image)
+    original = explanation.get("original_image")
+    rgb = denormalise(image) if original is None else original.detach().cpu().permute(1, 2, 0).numpy()
     panels: list[Callable[[Axes], None]] = []
     if "saliency" in explanation:
         panels.append(partial(_overlay, rgb=rgb, heat=explanation["saliency"], vmax=1.0, title="saliency"))

@@ -25,10 +25,15 @@ Deliberate deviations from the reference code (spec §8):
 1. ImageNet-R subset: the reference indexes LaZSL's ImageNet-R scores with the ImageNet-A class list; a
    datamodule for ImageNet-R must use the R list (nothing here depends on it).
 2. Crop boxes ``(x0, y0, x1, y1)`` are returned with every score (the reference never records them).
-3. Crops come from a torch generator per image seeded from ``(seed, dataset index)`` and are cut and resized in
-   one batched ``roi_align``, not from numpy's global RNG in loader workers; every epoch sees the same crops.
-   ``roi_align`` samples bilinearly and averages ``ceil(box / out)`` samples per output pixel when shrinking
-   (the reference resizes each crop bicubically with PIL).
+3. Crops come from a torch generator per image seeded from ``(seed, dataset index)``, not from numpy's global RNG
+   in loader workers; every epoch sees the same crops. From original images (:func:`views_from_originals`, what
+   the callback uses when the datamodule serves them, ``xvlm.contracts.OriginalImages``) they are cut like the
+   reference's: boxes of α..β of the original short side anywhere in the image, each resized by torch's
+   antialiased bicubic ``interpolate`` (PIL's filter, ``a = −0.5``) and rounded to whole pixel values, as PIL
+   does on uint8 images; the global view is CLIP's preprocessing the same way. Without originals
+   (:func:`make_views`, e.g. Shapes and CIFAR, whose arrays are already at their final size) the views are cut
+   from the resized, centre-cropped batch in one batched ``roi_align``, which samples bilinearly and averages
+   ``ceil(box / out)`` samples per output pixel when shrinking.
 4. Similarities, costs, Sinkhorn and scores run in float32 (float64 features stay float64) with autocast off,
    whatever the features' dtype, in the scaling or log domain by range (never fp16); a non-finite cost is an
    error instead of a silent ``None``.
@@ -54,9 +59,10 @@ Deliberate deviations from the reference code (spec §8):
 11. The reference's unused "constrain" kernel masking and CuPL switch are not implemented.
 
 Further choices of ours: the crop with the highest cosine to the global view always survives vision selection
-(rounding could otherwise drop every crop of a flat image); the callback cuts its views from the CLIP-normalised
-validation batch directly, which equals normalising views cut from the raw image because ``roi_align``
-resamples by convex combinations and normalisation is affine per channel.
+(rounding could otherwise drop every crop of a flat image); without originals the callback cuts its views from the
+CLIP-normalised validation batch directly, which equals normalising views cut from the raw image because
+``roi_align`` resamples by convex combinations and normalisation is affine per channel (it says so once in the
+log, naming the datamodule).
 """
 
 from __future__ import annotations
@@ -64,8 +70,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,14 +82,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 from torchvision.ops import roi_align
 
 from datamodules.task import Task
-from xvlm.backbones import VisionLanguageModel
-from xvlm.contracts import ExplainableModule
+from xvlm.backbones import CLIP_MEAN, CLIP_STD, VisionLanguageModel
+from xvlm.contracts import ExplainableModule, OriginalImages
 from xvlm.metrics import GZSLMetrics
 from xvlm.ot import float32_region, sinkhorn
 from xvlm.prompts import descriptor_sentences, encode_descriptors, require_descriptors
@@ -101,6 +108,7 @@ __all__ = [
     "make_views",
     "sample_boxes",
     "score_images",
+    "views_from_originals",
     "vision_selection",
 ]
 
@@ -254,6 +262,82 @@ def make_views(
     return views.view(b, 1 + n_crops, channels, out_size, out_size), boxes
 
 
+def _bicubic(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[K, 3, h, w]`` pixel values in ``[0, 255]`` resized to ``size = (h', w')`` by antialiased bicubic
+    interpolation, clamped to ``[0, 255]`` and rounded, as PIL's bicubic resize of a uint8 image."""
+    resized = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return resized.clamp_(0, 255).round_()
+
+
+def _clip_preprocess_size(height: int, width: int, out_size: int) -> tuple[int, int]:
+    """``(h', w')`` of CLIP's ``Resize(out_size)``: the short side becomes ``out_size``, the long one
+    ``⌊out_size · long / short⌋`` (torchvision's rule)."""
+    if height <= width:
+        return out_size, int(out_size * width / height)
+    return int(out_size * height / width), out_size
+
+
+def views_from_originals(
+    originals: Sequence[torch.Tensor],
+    n_crops: int,
+    alpha: float,
+    beta: float = LaZSLSettings.beta,
+    *,
+    seeds: Sequence[int],
+    out_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global view and ``N`` random square crops of each original image, as the reference cuts them.
+
+    Image ``i`` of size ``H_i × W_i`` (sizes may differ within the batch):
+
+    - global view: CLIP's preprocessing, the short side resized to ``s = out_size`` (bicubic), then the centred
+      ``s × s`` square (top-left ``round((h' − s) / 2), round((w' − s) / 2)``);
+    - crops: the boxes of :func:`sample_boxes` ``(H_i, W_i)`` (sides ``⌊γ min(H_i, W_i)⌋``, ``γ ~ U(α, β)``,
+      anywhere in the original), each cut from the original at full resolution and resized to ``s × s``;
+
+    every resize is antialiased bicubic rounded to whole pixel values (module docstring, deviation 3); then
+    ``(x / 255 − mean) / std`` with CLIP's statistics. One ``interpolate`` call per crop.
+
+    Args:
+        originals: ``B`` images ``[3, H_i, W_i]`` uint8 RGB, as decoded (``xvlm.contracts.OriginalImages``); the
+            views are made on their device.
+        n_crops: crops per image ``N``.
+        alpha: smallest crop side as a fraction of the short side.
+        beta: largest crop side as a fraction of the short side.
+        seeds: one generator seed per image (see :func:`image_seeds`).
+        out_size: side ``s`` of every view.
+
+    Returns:
+        ``views [B, 1 + N, 3, s, s]`` float32, CLIP-normalised (view 0 is the global one), and the crop
+        ``boxes [B, N, 4]`` float32 ``(x0, y0, x1, y1)`` in pixels of each original.
+
+    Raises:
+        ValueError: if the seeds do not match the images, or an image is not ``[3, H, W]`` uint8.
+    """
+    if len(seeds) != len(originals):
+        raise ValueError(f"views_from_originals needs one seed per image: {len(seeds)} seeds for {len(originals)} "
+                         "images")
+    views, boxes = [], []
+    for position, (original, seed) in enumerate(zip(originals, seeds)):
+        if original.dtype != torch.uint8 or original.ndim != 3 or original.shape[0] != 3:
+            raise ValueError(f"original image {position} must be [3, H, W] uint8 RGB as decoded; got "
+                             f"{original.dtype} of shape {tuple(original.shape)}")
+        height, width = original.shape[-2:]
+        pixels = original[None].float()
+        resized_h, resized_w = _clip_preprocess_size(height, width, out_size)
+        top, left = round((resized_h - out_size) / 2), round((resized_w - out_size) / 2)
+        centre = _bicubic(pixels, (resized_h, resized_w))[..., top : top + out_size, left : left + out_size]
+        image_boxes = sample_boxes(height, width, n_crops, alpha, beta, [seed])[0]
+        crops = [_bicubic(pixels[..., y0:y1, x0:x1], (out_size, out_size))
+                 for x0, y0, x1, y1 in image_boxes.long().tolist()]
+        views.append(torch.cat([centre, *crops]))
+        boxes.append(image_boxes.to(original.device, torch.float32))
+    stacked = torch.stack(views)
+    mean = stacked.new_tensor(CLIP_MEAN).view(3, 1, 1) * 255
+    std = stacked.new_tensor(CLIP_STD).view(3, 1, 1) * 255
+    return (stacked - mean) / std, torch.stack(boxes)
+
+
 # --------------------------------------------------------------------------------------------- descriptors
 def load_descriptors(path: str | Path, class_names: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Read a DCLIP/LaZSL descriptor file ``{class name: [descriptor, ...]}``.
@@ -292,8 +376,8 @@ class LaZSLOutput:
             ``scores`` and is zero on padded descriptors.
         plans: ``[B, C, N, M]`` OT plans (zero on dropped crops and padded descriptors), or None if not kept.
         crop_keep: ``[B, N]`` bool, the crops that passed vision selection.
-        boxes: ``[B, N, 4]`` crop boxes ``(x0, y0, x1, y1)`` in input pixels when scored from images
-            (:func:`score_images`), else None.
+        boxes: ``[B, N, 4]`` crop boxes ``(x0, y0, x1, y1)`` when scored from images (:func:`score_images`), in
+            pixels of the original images when those were given, else of the batch images; None otherwise.
     """
 
     scores: torch.Tensor
@@ -435,39 +519,57 @@ def _transport_scores(
 
 def score_images(
     encoder: VisionLanguageModel,
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     indices: torch.Tensor,
     desc_feats: torch.Tensor,
     desc_mask: torch.Tensor,
     settings: LaZSLSettings | None = None,
     return_plans: bool = False,
+    originals: Sequence[torch.Tensor] | None = None,
 ) -> LaZSLOutput:
     """LaZSL output of images against encoded descriptors: views, image features, :func:`lazsl_scores`, boxes.
 
-    The one path from images to scores, used by the :class:`LaZSL` callback and the region explanations. Views
-    (:func:`make_views`) are encoded ``max_views // (1 + n_crops)`` images at a time (at least one). Call in eval
-    mode under ``torch.no_grad()``.
+    The one path from images to scores, used by the :class:`LaZSL` callback and the region explanations. The views
+    are cut from the ``originals`` when given (:func:`views_from_originals`, the reference's way), else from the
+    model-size ``images`` (:func:`make_views`); they are encoded ``max_views // (1 + n_crops)`` images at a time
+    (at least one), so an image's scores do not depend on the rest of the batch. Call in eval mode under
+    ``torch.no_grad()``.
 
     Args:
         encoder: the towers to score with.
-        images: ``[B, 3, H, W]`` CLIP-normalised images.
+        images: ``[B, 3, H, W]`` CLIP-normalised images; not read (may be None) when ``originals`` are given.
         indices: ``[B]`` dataset indices; with ``settings.seed`` they seed the crops.
-        desc_feats: ``[C, M, D]`` descriptor features (:func:`xvlm.prompts.encode_descriptors`).
+        desc_feats: ``[C, M, D]`` descriptor features (:func:`xvlm.prompts.encode_descriptors`); the views are
+            made on their device.
         desc_mask: ``[C, M]`` bool, real descriptors.
         settings: every option (the defaults of :class:`LaZSLSettings` if None).
         return_plans: keep the ``[B, C, N, M]`` plans.
+        originals: ``B`` original images ``[3, H_i, W_i]`` uint8 RGB of any sizes
+            (``xvlm.contracts.OriginalImages``), or None.
 
     Returns:
-        :class:`LaZSLOutput` with ``boxes [B, N, 4]`` in input pixels.
+        :class:`LaZSLOutput` with ``boxes [B, N, 4]`` in pixels of the originals when given, else of ``images``.
+
+    Raises:
+        ValueError: if neither images nor originals are given, or their number is not that of ``indices``.
     """
     settings = LaZSLSettings() if settings is None else settings
     seeds = image_seeds(settings.seed, indices.tolist())
+    source = images if originals is None else originals
+    if source is None or len(source) != len(seeds):
+        raise ValueError(f"score_images needs images or originals, one per index ({len(seeds)} indices); got "
+                         f"{'none' if source is None else len(source)}")
     per_forward = max(1, settings.max_views // (1 + settings.n_crops))
     feats, boxes = [], []
-    for start in range(0, len(images), per_forward):
+    for start in range(0, len(seeds), per_forward):
         part = slice(start, start + per_forward)
-        views, part_boxes = make_views(images[part], settings.n_crops, settings.alpha, settings.beta,
-                                       seeds=seeds[part], out_size=encoder.image_size)
+        if originals is None:
+            views, part_boxes = make_views(images[part], settings.n_crops, settings.alpha, settings.beta,
+                                           seeds=seeds[part], out_size=encoder.image_size)
+        else:
+            views, part_boxes = views_from_originals([image.to(desc_feats.device) for image in originals[part]],
+                                                     settings.n_crops, settings.alpha, settings.beta,
+                                                     seeds=seeds[part], out_size=encoder.image_size)
         feats.append(encoder.encode_image(views.flatten(0, 1)).view(*views.shape[:2], -1))
         boxes.append(part_boxes)
     feats = torch.cat(feats)
@@ -494,8 +596,11 @@ class LaZSL(Callback):
 
     Works with every xvlm method: it uses only ``pl_module.zero_shot_encoder()`` and
     ``trainer.datamodule.task`` (``class_names``, ``seen``, ``unseen``, ``descriptors``). While validation runs,
-    each validation batch (first dataloader, at most ``max_batches`` of them) is scored from its ``image`` and
-    ``index`` fields; at the end of the epoch the accumulated metrics are logged:
+    each validation batch (first dataloader, at most ``max_batches`` of them) is scored by its ``index`` field:
+    from the samples' original images when the datamodule serves them (``original_image('val', index)``,
+    :class:`xvlm.contracts.OriginalImages`; crops anywhere in the image at full resolution, as the reference cuts
+    them), else from the batch's resized, centre-cropped ``image`` (said once in the log, naming the datamodule).
+    LaZSL and DCLIP scores come from the same views. At the end of the epoch the accumulated metrics are logged:
 
     - ``split='unseen'``: images of unseen classes, argmax over unseen classes: ``lazsl/unseen_top1`` and
       ``lazsl/dclip_unseen_top1`` (per-class mean top-1, :class:`~xvlm.metrics.GZSLMetrics` ``zsl``), and
@@ -566,6 +671,9 @@ class LaZSL(Callback):
         self._unseen_columns: torch.Tensor | None = None
         self._text: torch.Tensor | None = None
         self._active = True
+        self._read_original: Callable[[int], torch.Tensor | None] | None = None
+        self._datamodule_name = ""
+        self._fallback_said = False
 
     # ----------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -579,9 +687,13 @@ class LaZSL(Callback):
             rank_zero_warn(f"LaZSL is skipped: {type(pl_module).__name__} has no zero-shot encoder (its image "
                            "encoder is not text-aligned, e.g. a timm CNN). Remove the LaZSL callback to silence this.")
             return
-        task = getattr(getattr(trainer, "datamodule", None), "task", None)
+        datamodule = getattr(trainer, "datamodule", None)
+        task = getattr(datamodule, "task", None)
         if not isinstance(task, Task):
             raise ValueError("LaZSL needs a datamodule that publishes a Task (trainer.datamodule.task)")
+        self._datamodule_name = type(datamodule).__name__
+        self._read_original = (partial(datamodule.original_image, "val") if isinstance(datamodule, OriginalImages)
+                               else None)
         descriptors = task.require("descriptors", "LaZSL")
         if self.split == "unseen":
             classes = list(task.require("unseen", "LaZSL(split='unseen')"))
@@ -649,13 +761,31 @@ class LaZSL(Callback):
                 self._micro[prefix].update((predicted == unseen_target[unseen_rows]).float())
 
     def score(self, encoder: VisionLanguageModel, images: torch.Tensor, indices: torch.Tensor) -> LaZSLOutput:
-        """LaZSL output (with crop boxes, without plans) of ``images [B, 3, H, W]`` against the scored classes.
+        """LaZSL output (with crop boxes, without plans) of validation samples against the scored classes.
 
-        ``indices [B]`` are the images' dataset indices, which seed their crops.
+        ``indices [B]`` are the samples' dataset indices, which seed their crops and name their original images
+        (:meth:`originals`); without originals the views come from ``images [B, 3, H, W]``, the batch's. Boxes are
+        in pixels of whichever was used.
 
         Call after :meth:`on_validation_epoch_start` has encoded the descriptors, in eval mode without gradients.
         """
-        return score_images(encoder, images, indices, self._text, self._sentences[1], self.settings)
+        return score_images(encoder, images, indices, self._text, self._sentences[1], self.settings,
+                            originals=self.originals(indices))
+
+    def originals(self, indices: torch.Tensor) -> list[torch.Tensor] | None:
+        """The original images ``[3, H_i, W_i]`` uint8 of validation samples ``indices [B]``, or None (said once in
+        the log, with the reason) when the datamodule does not serve them."""
+        read = self._read_original
+        images = None if read is None else [read(index) for index in indices.tolist()]
+        if images is not None and all(image is not None for image in images):
+            return images
+        if not self._fallback_said:
+            why = ("has no original_image(split, index) (xvlm.contracts.OriginalImages)" if read is None
+                   else "serves no original images of its 'val' split (its images are arrays, not files)")
+            rank_zero_info(f"LaZSL cuts its crops from the resized, centre-cropped validation batch, not from the "
+                           f"original images: the datamodule {self._datamodule_name} {why}.")
+            self._fallback_said = True
+        return None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._text is None:

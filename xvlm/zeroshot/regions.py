@@ -29,13 +29,18 @@ average more of them over each pixel and flatten the map again; docs/explanation
 top-1 with such crops falls, hence the two passes. The defaults are the grid's best on Shapes validation images,
 whose objects cover about 12 % of the image; for photos where the object fills most of the frame, larger region
 crops suit better. ``region_crops=None`` makes one pass with ``settings`` alone.
+
+Given the samples' original images (``originals``; :func:`lazsl_explainer` reads them from a datamodule's
+``original_image``, :class:`xvlm.contracts.OriginalImages`), both passes cut their crops from the originals, as the
+callback does, and the heat maps are drawn at each original's size with boxes in its pixels; the explanation then
+carries the originals (``original_image``), which the renderer shows under the maps.
 Modules are used through the :class:`xvlm.contracts.ExplainableModule` protocol only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -160,7 +165,7 @@ class RegionCrops:
 
 def explain_lazsl(
     encoder: VisionLanguageModel,
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     indices: torch.Tensor,
     task: Task,
     class_index: torch.Tensor | None = None,
@@ -168,6 +173,7 @@ def explain_lazsl(
     settings: LaZSLSettings | None = None,
     region_crops: RegionCrops | None = RegionCrops(),
     normalise_by_coverage: bool = True,
+    originals: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """LaZSL explanation of a batch over all the task's classes, in the renderer's conventions.
 
@@ -186,6 +192,8 @@ def explain_lazsl(
         settings: every scoring option (the defaults of :class:`~xvlm.zeroshot.LaZSLSettings` if None).
         region_crops: crops of the heat maps (module docstring); None: the scoring pass's.
         normalise_by_coverage: divide the heat maps by the kept-crop coverage (spec default).
+        originals: ``B`` original images ``[3, H_i, W_i]`` uint8 to cut the crops from (module docstring), or None
+            (crops from ``images``, which are then not read and may be None).
 
     Returns:
         ``predicted [B]``, ``logits [B, C]`` (LaZSL scores with ``settings``), ``explained [B]`` (the class
@@ -193,25 +201,37 @@ def explain_lazsl(
         ``M`` descriptors, "" for padding), ``descriptor_contributions [B, M]`` (``Σ_j c_j = ψ``, the region pass's
         score of the explained class), ``descriptor_mask [B, M]`` (bool, the real descriptors; a padded one's 0 can
         outrank negative contributions), ``plans [B, N, M]``, ``crop_keep [B, N]`` and ``boxes [B, N, 4]``. Padded
-        descriptors have zero maps and contributions (their plan columns are zero).
+        descriptors have zero maps and contributions (their plan columns are zero). With ``originals``: the boxes
+        are in their pixels, ``descriptor_maps`` is a list of ``B`` maps ``[M, H_i, W_i]`` and ``original_image``
+        the ``B`` originals.
     """
     descriptors = task.require("descriptors", "explain_lazsl")
     settings = LaZSLSettings() if settings is None else settings
     sentences, desc_mask = descriptor_sentences(task.class_names, descriptors, settings.suffix)
     desc_feats = encode_descriptors(encoder, sentences, desc_mask)
-    out = score_images(encoder, images, indices, desc_feats, desc_mask, settings, return_plans=region_crops is None)
+    out = score_images(encoder, images, indices, desc_feats, desc_mask, settings, return_plans=region_crops is None,
+                       originals=originals)
     regions = out if region_crops is None else score_images(encoder, images, indices, desc_feats, desc_mask,
-                                                            region_crops.applied_to(settings), return_plans=True)
+                                                            region_crops.applied_to(settings), return_plans=True,
+                                                            originals=originals)
     predicted = out.scores.argmax(dim=1)
     explained = predicted if class_index is None else class_index.to(predicted.device)
-    rows = torch.arange(len(images), device=predicted.device)
+    rows = torch.arange(len(predicted), device=predicted.device)
     plan = regions.plans[rows, explained]
+    if originals is None:
+        maps = descriptor_heatmaps(plan, regions.boxes, tuple(images.shape[-2:]), normalise_by_coverage,
+                                   keep=regions.crop_keep)
+        shown = {}
+    else:
+        maps = [descriptor_heatmaps(plan[i], regions.boxes[i], tuple(image.shape[-2:]), normalise_by_coverage,
+                                    keep=regions.crop_keep[i]) for i, image in enumerate(originals)]
+        shown = {"original_image": list(originals)}
     return {
+        **shown,
         "predicted": predicted,
         "logits": out.scores,
         "explained": explained,
-        "descriptor_maps": descriptor_heatmaps(plan, regions.boxes, tuple(images.shape[-2:]), normalise_by_coverage,
-                                               keep=regions.crop_keep),
+        "descriptor_maps": maps,
         "descriptor_names": [_descriptor_names(task.class_names[k], descriptors, plan.shape[-1])
                              for k in explained.tolist()],
         "descriptor_contributions": regions.contributions[rows, explained],
@@ -229,13 +249,19 @@ def _descriptor_names(name: str, descriptors: dict[str, list[str]], width: int) 
 
 
 def lazsl_explainer(
-    module: ExplainableModule, settings: LaZSLSettings | None = None, region_crops: RegionCrops | None = RegionCrops()
+    module: ExplainableModule,
+    settings: LaZSLSettings | None = None,
+    region_crops: RegionCrops | None = RegionCrops(),
+    originals: Callable[[int], torch.Tensor | None] | None = None,
 ) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """``explain(batch)`` by LaZSL on ``module``'s zero-shot towers (gallery ``explainer='lazsl'``, ``xvlm explain
     --lazsl``), with ``settings`` (pass the LaZSL callback's, :func:`xvlm.zeroshot.lazsl_settings_of`; defaults if
     None) and heat maps over ``region_crops`` (:func:`explain_lazsl`).
 
     The batch needs ``image``; ``index`` (dataset indices, which seed the crops) defaults to the positions.
+    ``originals(index)`` gives the original image ``[3, H, W]`` uint8 of a sample, e.g.
+    ``functools.partial(datamodule.original_image, "val")`` (:class:`xvlm.contracts.OriginalImages`); when it
+    serves every sample of the batch, crops, boxes and maps are those of the originals (:func:`explain_lazsl`).
 
     Raises:
         ValueError: if the module has no task yet or no zero-shot encoder.
@@ -249,7 +275,10 @@ def lazsl_explainer(
     def explain(batch: dict[str, Any]) -> dict[str, Any]:
         images = batch["image"]
         indices = batch.get("index", torch.arange(len(images)))
+        served = None if originals is None else [originals(index) for index in indices.tolist()]
+        if served is not None and any(image is None for image in served):
+            served = None
         return explain_lazsl(module.zero_shot_encoder(), images, indices, module.task, settings=settings,
-                             region_crops=region_crops)
+                             region_crops=region_crops, originals=served)
 
     return explain
