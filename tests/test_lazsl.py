@@ -29,6 +29,7 @@ from xvlm.zeroshot import (
     score_images,
     vision_selection,
 )
+from xvlm.zeroshot.scorers import awt_scores, wca_scores
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -295,6 +296,42 @@ def test_micro_top1_is_the_share_of_unseen_images_predicted_right():
     for prefix, count in hits.items():
         logged = trainer.callback_metrics[f"lazsl/{prefix}unseen_top1_micro"]
         assert float(logged) == pytest.approx(count / total, abs=1e-6)
+
+
+def test_competitors_are_scored_on_the_lazsl_views_and_logged_side_by_side():
+    datamodule = _datamodule(val_size=48)
+    torch.manual_seed(0)
+    module = CLIPFineTune(pretrained=None, input_size=32)
+    callback = LaZSL(n_crops=3, competitors=["wca", "awt"])
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[callback])
+    trainer.validate(module, datamodule)
+    # directly: the crops of score_images, every crop (no vision selection), the name prompts of NAME_TEMPLATE
+    task = datamodule.task
+    unseen = torch.tensor(task.unseen)
+    names = [task.class_names[k] for k in task.unseen]
+    encoder = module.zero_shot_encoder().eval()
+    sentences, mask = descriptor_sentences(names, task.descriptors)
+    hits, total = {"wca": 0, "awt": 0}, 0
+    with torch.no_grad():
+        text = encode_descriptors(encoder, sentences, mask)
+        name_feats = encoder.encode_texts([f"a photo of a {name}." for name in names])
+        for batch in datamodule.val_dataloader():
+            member = torch.isin(batch["label"], unseen)
+            images, indices = batch["image"][member], batch["index"][member]
+            views, _ = make_views(images, 3, callback.settings.alpha, callback.settings.beta,
+                                  seeds=image_seeds(callback.settings.seed, indices.tolist()), out_size=32)
+            feats = encoder.encode_image(views.flatten(0, 1)).view(*views.shape[:2], -1)
+            for name, scorer in (("wca", wca_scores), ("awt", awt_scores)):
+                scores = scorer(feats[:, 1:], feats[:, 0], text, mask, name_feats)
+                hits[name] += int((unseen[scores.argmax(dim=1)] == batch["label"][member]).sum())
+            total += int(member.sum())
+    for name, count in hits.items():
+        logged = trainer.callback_metrics[f"lazsl/{name}_unseen_top1_micro"]
+        assert float(logged) == pytest.approx(count / total, abs=1e-6)
+        assert 0 <= float(trainer.callback_metrics[f"lazsl/{name}_unseen_top1"]) <= 1
+    with pytest.raises(ValueError, match=r"competitors=\['wca', 'clip'\]: unknown \['clip'\]; choose from \['wca', 'awt'\]"):
+        LaZSL(competitors=["wca", "clip"])
 
 
 def test_micro_top1_counts_images_where_the_per_class_mean_counts_classes(monkeypatch):

@@ -93,8 +93,10 @@ from xvlm.contracts import ExplainableModule, OriginalImages
 from xvlm.metrics import GZSLMetrics
 from xvlm.ot import float32_region, sinkhorn
 from xvlm.prompts import descriptor_sentences, encode_descriptors, require_descriptors
+from xvlm.zeroshot.scorers import awt_scores, wca_scores
 
 __all__ = [
+    "COMPETITORS",
     "LaZSL",
     "LaZSLOutput",
     "LaZSLSettings",
@@ -114,6 +116,13 @@ __all__ = [
 
 Split = Literal["unseen", "all"]
 StopRule = Literal["relative", "reference"]
+Competitor = Literal["wca", "awt"]
+COMPETITORS: dict[str, Callable[..., torch.Tensor]] = {"wca": wca_scores, "awt": awt_scores}
+"""Training-free scorers the callback can log next to LaZSL and DCLIP (``competitors``), on the same views and
+descriptors (:mod:`xvlm.zeroshot.scorers`): ``scorer(crop_feats [B, N, D], global_feats [B, D], desc_feats,
+desc_mask, name_feats [C, D]) -> [B, C]``."""
+NAME_TEMPLATE = "a photo of a {}."
+"""The class-name prompt of the competitors (WCA's description weights, AWT's name view)."""
 STOP_RULES: tuple[StopRule, ...] = ("relative", "reference")
 REFERENCE_TOL = 1e-2
 """The reference code's threshold on ``mean_n |Δu_n|`` (``stop_rule='reference'``)."""
@@ -376,6 +385,8 @@ class LaZSLOutput:
             ``scores`` and is zero on padded descriptors.
         plans: ``[B, C, N, M]`` OT plans (zero on dropped crops and padded descriptors), or None if not kept.
         crop_keep: ``[B, N]`` bool, the crops that passed vision selection.
+        view_feats: ``[B, 1 + N, D]`` image features of the global view (index 0) and the crops when scored from
+            images (:func:`score_images`), which the other scorers (:data:`COMPETITORS`) reuse; else None.
         boxes: ``[B, N, 4]`` crop boxes ``(x0, y0, x1, y1)`` when scored from images (:func:`score_images`), in
             pixels of the original images when those were given, else of the batch images; None otherwise.
     """
@@ -386,6 +397,7 @@ class LaZSLOutput:
     plans: torch.Tensor | None
     crop_keep: torch.Tensor
     boxes: torch.Tensor | None = None
+    view_feats: torch.Tensor | None = None
 
 
 def vision_selection(
@@ -574,7 +586,7 @@ def score_images(
         boxes.append(part_boxes)
     feats = torch.cat(feats)
     out = lazsl_scores(feats[:, 1:], feats[:, 0], desc_feats, desc_mask, settings, return_plans=return_plans)
-    return dataclasses.replace(out, boxes=torch.cat(boxes))
+    return dataclasses.replace(out, boxes=torch.cat(boxes), view_feats=feats)
 
 
 # --------------------------------------------------------------------------------------------- callback
@@ -607,7 +619,11 @@ class LaZSL(Callback):
       ``lazsl/unseen_top1_micro`` and ``lazsl/dclip_unseen_top1_micro`` (micro top-1: the share of those images
       predicted right, the paper's number);
     - ``split='all'`` (GZSL): every image, every class: additionally ``lazsl/S``, ``lazsl/U``, ``lazsl/H`` and
-      the ``lazsl/dclip_*`` counterparts (the ``unseen_top1*`` keys still take the argmax over unseen classes).
+      the ``lazsl/dclip_*`` counterparts (the ``unseen_top1*`` keys still take the argmax over unseen classes);
+    - with ``competitors``, the same keys for each of them: ``lazsl/wca_unseen_top1``, ``lazsl/awt_unseen_top1``,
+      ... (WCA and AWT, :data:`COMPETITORS`), scored on the same views and descriptor features, with class-name
+      prompts :data:`NAME_TEMPLATE` encoded once per evaluation. Both use every crop (they weight the crops
+      themselves; vision selection is LaZSL's).
 
     Metrics are torchmetrics states, so each DDP rank scores its shard and ``compute()`` gathers them. The
     descriptor text features are encoded once per evaluation; every view is encoded in eval mode under
@@ -634,6 +650,7 @@ class LaZSL(Callback):
         max_views: views per image-encoder forward pass (bounds memory).
         tol: Sinkhorn tolerance on the relative row-marginal error.
         stop_rule: ``relative`` (``tol``) or ``reference`` (the reference code's rule, :class:`LaZSLSettings`).
+        competitors: other scorers to log side by side (``wca``, ``awt``; YAML ``competitors: [wca, awt]``).
     """
 
     def __init__(
@@ -654,9 +671,15 @@ class LaZSL(Callback):
         max_views: int = LaZSLSettings.max_views,
         tol: float = LaZSLSettings.tol,
         stop_rule: StopRule = LaZSLSettings.stop_rule,
+        competitors: Sequence[Competitor] = (),
     ) -> None:
         if split not in ("unseen", "all"):
             raise ValueError(f"LaZSL split={split!r}: choose 'unseen' or 'all'")
+        unknown = [name for name in competitors if name not in COMPETITORS]
+        if unknown:
+            raise ValueError(f"LaZSL competitors={list(competitors)!r}: unknown {unknown}; choose from "
+                             f"{list(COMPETITORS)}")
+        self.competitors = tuple(dict.fromkeys(competitors))
         if every_n_epochs < 1:
             raise ValueError(f"LaZSL every_n_epochs={every_n_epochs!r} (must be >= 1)")
         self.settings = LaZSLSettings(n_crops=n_crops, alpha=alpha, beta=beta, theta=theta, eps=eps,
@@ -670,6 +693,8 @@ class LaZSL(Callback):
         self._unseen_position: torch.Tensor | None = None
         self._unseen_columns: torch.Tensor | None = None
         self._text: torch.Tensor | None = None
+        self._names: list[str] = []
+        self._name_feats: torch.Tensor | None = None
         self._active = True
         self._read_original: Callable[[int], torch.Tensor | None] | None = None
         self._datamodule_name = ""
@@ -702,8 +727,10 @@ class LaZSL(Callback):
         names = [task.class_names[k] for k in classes]
         require_descriptors(descriptors, names, f"LaZSL: {task.source}")
         self._sentences = descriptor_sentences(names, descriptors, self.settings.suffix)
+        self._names = names
         self._classes = torch.as_tensor(classes, dtype=torch.long)
-        self._metrics = {prefix: GZSLMetrics(task.num_classes, task.seen, task.unseen) for prefix in ("", "dclip_")}
+        prefixes = ("", "dclip_", *(f"{name}_" for name in self.competitors))
+        self._metrics = {prefix: GZSLMetrics(task.num_classes, task.seen, task.unseen) for prefix in prefixes}
         unseen = torch.as_tensor(list(task.unseen), dtype=torch.long)
         self._unseen_position = torch.full((task.num_classes,), -1, dtype=torch.long)
         self._unseen_position[unseen] = torch.arange(len(unseen))
@@ -725,6 +752,8 @@ class LaZSL(Callback):
         encoder = pl_module.zero_shot_encoder()
         with evaluating(encoder):
             self._text = encode_descriptors(encoder, *self._sentences)
+            self._name_feats = (encoder.encode_texts([NAME_TEMPLATE.format(name) for name in self._names])
+                                if self.competitors else None)
         self._classes = self._classes.to(pl_module.device)
         self._unseen_position = self._unseen_position.to(pl_module.device)
         self._unseen_columns = self._unseen_columns.to(pl_module.device)
@@ -752,7 +781,7 @@ class LaZSL(Callback):
             out = self.score(encoder, images, indices)
         unseen_target = self._unseen_position[labels]
         unseen_rows = unseen_target >= 0
-        for prefix, scores in (("", out.scores), ("dclip_", out.dclip_scores)):
+        for prefix, scores in (("", out.scores), ("dclip_", out.dclip_scores), *self.competitor_scores(out)):
             logits = scores.new_full((len(labels), self._metrics[prefix].num_classes), -math.inf)
             logits[:, self._classes] = scores
             self._metrics[prefix].update(logits, labels)
@@ -771,6 +800,15 @@ class LaZSL(Callback):
         """
         return score_images(encoder, images, indices, self._text, self._sentences[1], self.settings,
                             originals=self.originals(indices))
+
+    def competitor_scores(self, out: LaZSLOutput) -> list[tuple[str, torch.Tensor]]:
+        """``(metric prefix, scores [B, C])`` of each competitor on the views and descriptors ``out`` was scored
+        with (its ``view_feats``)."""
+        if not self.competitors:
+            return []
+        crops, glob = out.view_feats[:, 1:], out.view_feats[:, 0]
+        return [(f"{name}_", COMPETITORS[name](crops, glob, self._text, self._sentences[1], self._name_feats))
+                for name in self.competitors]
 
     def originals(self, indices: torch.Tensor) -> list[torch.Tensor] | None:
         """The original images ``[3, H_i, W_i]`` uint8 of validation samples ``indices [B]``, or None (said once in
