@@ -158,23 +158,26 @@ def wca_weights(
         ``w [B, N]`` (rows sum to 1) and ``v [C, M]`` (rows sum to 1 over the real descriptors, 0 on padded ones),
         in float32 (float64 for float64 features).
     """
-    mask = _checked("wca_weights", crop_feats, global_feats, desc_feats, desc_mask, name_feats,
+    return _wca_terms("wca_weights", crop_feats, global_feats, desc_feats, desc_mask, name_feats,
+                      crop_temperature, text_temperature)[3:]
+
+
+def _wca_terms(
+    caller: str, crop_feats: torch.Tensor, global_feats: torch.Tensor, desc_feats: torch.Tensor,
+    desc_mask: torch.Tensor, name_feats: torch.Tensor, crop_temperature: float, text_temperature: float,
+) -> tuple[torch.Tensor, ...]:
+    """Checked inputs of ``caller`` as unit-norm crops ``[B, N, D]`` and descriptors ``[C, M, D]`` in the working
+    precision, the mask ``[C, M]``, and the weights ``w [B, N]``, ``v [C, M]`` of :func:`wca_weights`."""
+    mask = _checked(caller, crop_feats, global_feats, desc_feats, desc_mask, name_feats,
                     crop_temperature=crop_temperature, text_temperature=text_temperature)
     if not bool(mask.any(dim=1).all()):
-        raise ValueError("wca_weights: every class needs at least one descriptor (desc_mask row of all False)")
+        raise ValueError(f"{caller}: every class needs at least one descriptor (desc_mask row of all False)")
     with float32_region(crop_feats, global_feats, desc_feats, name_feats) as feats:
         crops, glob, desc, names = (F.normalize(t, dim=-1) for t in feats)
-        return _wca_weights(crops, glob, desc, mask, names, crop_temperature, text_temperature)
-
-
-def _wca_weights(
-    crops: torch.Tensor, glob: torch.Tensor, desc: torch.Tensor, mask: torch.Tensor, names: torch.Tensor,
-    crop_temperature: float, text_temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`wca_weights` of unit-norm features in the working precision."""
-    crop_weights = torch.softmax(torch.einsum("bnd,bd->bn", crops, glob) / crop_temperature, dim=-1)
-    name_sim = torch.einsum("cmd,cd->cm", desc, names) / text_temperature
-    return crop_weights, torch.softmax(name_sim.masked_fill(~mask, float("-inf")), dim=-1)
+        crop_weights = torch.softmax(torch.einsum("bnd,bd->bn", crops, glob) / crop_temperature, dim=-1)
+        name_sim = torch.einsum("cmd,cd->cm", desc, names) / text_temperature
+        desc_weights = torch.softmax(name_sim.masked_fill(~mask, float("-inf")), dim=-1)
+    return crops, desc, mask, crop_weights, desc_weights
 
 
 def wca_scores(
@@ -214,14 +217,9 @@ def wca_scores(
         ...            torch.eye(3)).argmax(dim=1).tolist()
         [1]
     """
-    mask = _checked("wca_scores", crop_feats, global_feats, desc_feats, desc_mask, name_feats,
-                    crop_temperature=crop_temperature, text_temperature=text_temperature)
-    if not bool(mask.any(dim=1).all()):
-        raise ValueError("wca_scores: every class needs at least one descriptor (desc_mask row of all False)")
-    with float32_region(crop_feats, global_feats, desc_feats, name_feats) as feats:
-        crops, glob, desc, names = (F.normalize(t, dim=-1) for t in feats)
-        crop_weights, desc_weights = _wca_weights(crops, glob, desc, mask, names, crop_temperature,
-                                                  text_temperature)
+    crops, desc, mask, crop_weights, desc_weights = _wca_terms(
+        "wca_scores", crop_feats, global_feats, desc_feats, desc_mask, name_feats, crop_temperature, text_temperature)
+    with float32_region(crops, desc) as (crops, desc):  # autocast off for the products too
         pooled = torch.einsum("bn,bnd->bd", crop_weights, crops)
         # masked_fill, not a product: a padded row holding inf/NaN must not leak through a zero weight
         prototypes = torch.einsum("cm,cmd->cd", desc_weights, desc.masked_fill(~mask[..., None], 0))
