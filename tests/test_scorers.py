@@ -58,16 +58,16 @@ def _awt_loop(crops, glob, desc, mask, names, scale, tv, tt, eps=None):
     b, n, _ = crops.shape
     c, m, _ = desc.shape
     texts = [[_unit(names[k])] + [_unit(desc[k, j]) for j in range(m) if mask[k, j]] for k in range(c)]
-    protos = [_unit(torch.stack(t).mean(dim=0)) for t in texts]
+    protos = [torch.stack(t).mean(dim=0) for t in texts]  # the mean of the logits over the text views
     view_weights, text_weights, scores = [], [], torch.zeros(b, c, dtype=torch.float64)
     for i in range(b):
         xs = [_unit(glob[i])] + [_unit(crops[i, k]) for k in range(n)]
         a = _softmax([-_entropy(scale * x @ t for t in protos) / tv for x in xs])
-        x_bar = _unit(torch.stack(xs).mean(dim=0))
-        z = [scale * x_bar @ t for t in protos]
+        x_0 = xs[0]  # the global view
+        z = [scale * x_0 @ t for t in protos]
         bs = []
         for k in range(c):
-            entropies = [_entropy(z[:k] + [scale * x_bar @ t] + z[k + 1:]) for t in texts[k]]
+            entropies = [_entropy(z[:k] + [scale * x_0 @ t] + z[k + 1:]) for t in texts[k]]
             bk = _softmax([-h / tt for h in entropies])
             bs.append(bk)
             if eps is not None:

@@ -21,9 +21,9 @@ The right-hand form (bilinearity) is what runs: one ``[B, D] × [D, C]`` product
 Transportation", NeurIPS 2024), zero-shot form. Image views are ``x_0 = p_g`` and the crops, ``V = 1 + N``; text
 views of class ``k`` are ``t_k0 = n_k`` and its real descriptors, ``J = 1 + M``. With ``s`` the logit scale::
 
-    t̄_k = normalise(mean_j t_kj)                                        class prototype
+    t̄_k = mean_j t_kj  (not renormalised: s <x, t̄_k> is the mean logit)  class prototype
     π_i = softmax_k(s <x_i, t̄_k>),   a_i = softmax_i(−H(π_i) / τ_v)      view weights        [B, V]
-    x̄ = normalise(mean_i x_i),   z_k = s <x̄, t̄_k>,   z'_kj = s <x̄, t_kj>
+    z_k = s <x_0, t̄_k>,   z'_kj = s <x_0, t_kj>                            the global view's logits
     π^{kj} = softmax over classes of (z_1, …, z_{k−1}, z'_kj, z_{k+1}, …)  class k's prototype replaced by t_kj
     b_kj = softmax_{j: real}(−H(π^{kj}) / τ_t)                         text weights        [B, C, J]
     T_k = Sinkhorn(1 − X t_kᵀ; a, b_k, ε),   ψ_k = <T_k, X t_kᵀ> = 1 − OT cost
@@ -34,7 +34,8 @@ with ``H`` the Shannon entropy (nats). ``H(π^{kj})`` is computed in closed form
 as one :func:`xvlm.ot.sinkhorn` over ``B × C`` problems, chunked over classes so that at most ``_PLAN_ELEMENTS``
 plan entries exist at once. ``Σ T = 1``, so ``ψ`` is a weighted mean of cosines, on the scale of DCLIP's.
 
-Our readings of details the papers leave open (assumptions, none confirmed against the official code):
+Our readings of details the papers leave open (WCA's unconfirmed against its code; AWT's from its official
+zero-shot evaluation):
 
 1. WCA weights: a plain softmax of the cosines, ``τ_v = τ_t = 1`` by default (the paper's weights as we read
    them; both are arguments). At ``τ = 1`` the weights are mild (cosines lie within ~0.4 of each other); a small
@@ -47,15 +48,19 @@ Our readings of details the papers leave open (assumptions, none confirmed again
 4. AWT's views include the global view ``x_0 = p_g`` (AWT keeps the original image among its augmented views) and
    its text views include the class-name prompt ``t_k0 = n_k`` (the analogue for text), so a class with no real
    descriptor is still scored (by its name); WCA needs at least one descriptor per class.
-5. AWT's predictions use the class prototypes ``t̄_k`` (the mean of the class's text views) and the logit scale
-   ``s = 100`` (CLIP's; pass the model's ``logit_scale.exp()`` for another model).
-6. AWT's description weight: the entropy of the class prediction of the image's mean view ``x̄`` when class
-   ``k``'s prototype is replaced by that one description (a description that sharpens the prediction gets more
-   weight). So the text weights depend on the image, and each class's weights on every class scored: scores over
-   a class subset are not a slice of the scores over all classes (as in AWT).
-7. AWT's temperatures ``τ_v = τ_t = 0.5`` and ``ε = 0.1`` are our defaults, not values confirmed from the paper.
+5. AWT's predictions use the mean logit over the class's text views (``t̄_k`` unnormalised) and the logit scale
+   ``s = 100`` (CLIP's; pass the model's ``logit_scale.exp()`` for another model), as the official zero-shot
+   evaluation does.
+6. AWT's description weight, as in the official zero-shot evaluation: the entropy of the global view's class
+   prediction when class ``k``'s mean logit is replaced by that one text view's (a description that sharpens the
+   prediction gets more weight). So the text weights depend on the image, and each class's weights on every class
+   scored: scores over a class subset are not a slice of the scores over all classes.
+7. AWT's temperatures ``τ_v = τ_t = 0.5`` and ``ε = 0.1`` are the official zero-shot evaluation's. Its text views
+   there are "a photo of a {class}." and that prompt followed by each description; ours are the name prompt and
+   the descriptor sentences the callback encodes for LaZSL (one descriptor encoding for every scorer).
 8. Sinkhorn stops per problem on the relative row-marginal error (``tol = 1e-5``, up to ``max_iter = 1000``), as
-   LaZSL's default, so scores do not depend on the batch.
+   LaZSL's default, so scores do not depend on the batch (the official code stops on ``mean |Δr| < 1e-2`` over
+   at most 100 rounds).
 """
 
 from __future__ import annotations
@@ -243,12 +248,12 @@ def _awt_weights(
     view_temperature: float, text_temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AWT's view weights ``a [B, V]`` and text weights ``b [B, C, J]`` from unit-norm views and text views."""
-    prototypes = F.normalize(texts.sum(dim=1), dim=-1)  # zeroed padded rows: the sum runs over the real ones
+    # zeroed padded rows: the sum runs over the real ones; the mean prototype's logit is the mean logit
+    prototypes = texts.sum(dim=1) / text_mask.sum(dim=1, keepdim=True)
     view_entropy = _entropy(logit_scale * torch.einsum("bvd,cd->bvc", views, prototypes))
     view_weights = torch.softmax(-view_entropy / view_temperature, dim=-1)
-    mean_view = F.normalize(views.mean(dim=1), dim=-1)
-    z = logit_scale * mean_view @ prototypes.T  # [B, C]
-    z_text = logit_scale * torch.einsum("bd,cjd->bcj", mean_view, texts)  # [B, C, J]
+    z = logit_scale * views[:, 0] @ prototypes.T  # [B, C], the global view
+    z_text = logit_scale * torch.einsum("bd,cjd->bcj", views[:, 0], texts)  # [B, C, J]
     if z.shape[-1] == 1:  # a single class: every prediction is certain
         text_entropy = torch.zeros_like(z_text)
     else:
