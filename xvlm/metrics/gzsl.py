@@ -40,8 +40,9 @@ class GZSLMetrics(Metric):
     """Accumulates per-class hits for GZSL (argmax over all classes) and ZSL (argmax over unseen classes).
 
     ``compute()`` returns ``S``, ``U``, ``H``, ``zsl`` (unseen per-class top-1 among unseen classes) and
-    ``seen_top1`` (seen per-class top-1 among seen classes; the supervised number). Keys whose split is empty
-    are omitted.
+    ``seen_top1`` (seen per-class top-1 among seen classes; the supervised number), and with ``micro=True``
+    ``zsl_micro``: the share of all unseen-class samples whose argmax among the unseen classes is right (micro
+    top-1, from the same summed states, so DDP reduces it like the rest). Keys whose split is empty are omitted.
 
     Example:
         >>> m = GZSLMetrics(3, seen=[0, 1], unseen=[2])
@@ -53,9 +54,10 @@ class GZSLMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, num_classes: int, seen: Sequence[int], unseen: Sequence[int]) -> None:
+    def __init__(self, num_classes: int, seen: Sequence[int], unseen: Sequence[int], micro: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.micro = micro
         self.register_buffer("seen_idx", torch.as_tensor(list(seen), dtype=torch.long), persistent=False)
         self.register_buffer("unseen_idx", torch.as_tensor(list(unseen), dtype=torch.long), persistent=False)
         for name in ("total", "gzsl_hits", "split_hits"):
@@ -92,6 +94,8 @@ class GZSLMetrics(Metric):
         if self.unseen_idx.numel():
             out["U"] = _mean_over(gzsl, self.unseen_idx)
             out["zsl"] = _mean_over(split, self.unseen_idx)
+            if self.micro:
+                out["zsl_micro"] = self.split_hits[self.unseen_idx].sum() / total[self.unseen_idx].sum()
         if "S" in out and "U" in out:
             out["H"] = harmonic_mean(out["S"], out["U"])
         return out

@@ -84,7 +84,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchmetrics import MeanMetric
 from torchvision.ops import roi_align
 
 from datamodules.task import Task
@@ -689,9 +688,6 @@ class LaZSL(Callback):
         self._classes: torch.Tensor | None = None
         self._sentences: tuple[list[list[str]], torch.Tensor] | None = None
         self._metrics: dict[str, GZSLMetrics] = {}
-        self._micro: dict[str, MeanMetric] = {}
-        self._unseen_position: torch.Tensor | None = None
-        self._unseen_columns: torch.Tensor | None = None
         self._text: torch.Tensor | None = None
         self._names: list[str] = []
         self._name_feats: torch.Tensor | None = None
@@ -730,14 +726,8 @@ class LaZSL(Callback):
         self._names = names
         self._classes = torch.as_tensor(classes, dtype=torch.long)
         prefixes = ("", "dclip_", *(f"{name}_" for name in self.competitors))
-        self._metrics = {prefix: GZSLMetrics(task.num_classes, task.seen, task.unseen) for prefix in prefixes}
-        unseen = torch.as_tensor(list(task.unseen), dtype=torch.long)
-        self._unseen_position = torch.full((task.num_classes,), -1, dtype=torch.long)
-        self._unseen_position[unseen] = torch.arange(len(unseen))
-        column = torch.full((task.num_classes,), -1, dtype=torch.long)
-        column[self._classes] = torch.arange(len(classes))
-        self._unseen_columns = column[unseen]
-        self._micro = {prefix: MeanMetric() for prefix in self._metrics} if len(unseen) else {}
+        self._metrics = {prefix: GZSLMetrics(task.num_classes, task.seen, task.unseen, micro=True)
+                         for prefix in prefixes}
 
     def _runs(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
@@ -755,9 +745,7 @@ class LaZSL(Callback):
             self._name_feats = (encoder.encode_texts([NAME_TEMPLATE.format(name) for name in self._names])
                                 if self.competitors else None)
         self._classes = self._classes.to(pl_module.device)
-        self._unseen_position = self._unseen_position.to(pl_module.device)
-        self._unseen_columns = self._unseen_columns.to(pl_module.device)
-        for metric in [*self._metrics.values(), *self._micro.values()]:
+        for metric in self._metrics.values():
             metric.to(pl_module.device).reset()
 
     def on_validation_batch_end(
@@ -779,15 +767,10 @@ class LaZSL(Callback):
         encoder = pl_module.zero_shot_encoder()
         with evaluating(encoder):
             out = self.score(encoder, images, indices)
-        unseen_target = self._unseen_position[labels]
-        unseen_rows = unseen_target >= 0
         for prefix, scores in (("", out.scores), ("dclip_", out.dclip_scores), *self.competitor_scores(out)):
             logits = scores.new_full((len(labels), self._metrics[prefix].num_classes), -math.inf)
             logits[:, self._classes] = scores
             self._metrics[prefix].update(logits, labels)
-            if prefix in self._micro and bool(unseen_rows.any()):
-                predicted = scores[unseen_rows][:, self._unseen_columns].argmax(dim=1)
-                self._micro[prefix].update((predicted == unseen_target[unseen_rows]).float())
 
     def score(self, encoder: VisionLanguageModel, images: torch.Tensor, indices: torch.Tensor) -> LaZSLOutput:
         """LaZSL output (with crop boxes, without plans) of validation samples against the scored classes.
@@ -829,16 +812,13 @@ class LaZSL(Callback):
         if self._text is None:
             return
         self._text = None
-        renamed = {"zsl": "unseen_top1"} if self.split == "unseen" else {
-            "S": "S", "U": "U", "H": "H", "zsl": "unseen_top1"}
+        renamed = {"zsl": "unseen_top1", "zsl_micro": "unseen_top1_micro"}
+        if self.split == "all":
+            renamed |= {"S": "S", "U": "U", "H": "H"}
         for prefix, metric in self._metrics.items():
             values = metric.compute()
             metric.reset()
-            logged = {f"lazsl/{prefix}{name}": values[key] for key, name in renamed.items() if key in values}
-            if prefix in self._micro:
-                logged[f"lazsl/{prefix}unseen_top1_micro"] = self._micro[prefix].compute()
-                self._micro[prefix].reset()
-            pl_module.log_dict(logged)
+            pl_module.log_dict({f"lazsl/{prefix}{name}": values[key] for key, name in renamed.items() if key in values})
 
 
 def lazsl_settings_of(callbacks: Iterable[object]) -> LaZSLSettings | None:
