@@ -107,6 +107,7 @@ __all__ = [
     "lazsl_settings_of",
     "load_descriptors",
     "make_views",
+    "read_originals",
     "sample_boxes",
     "score_images",
     "views_from_originals",
@@ -344,6 +345,14 @@ def views_from_originals(
     mean = stacked.new_tensor(CLIP_MEAN).view(3, 1, 1) * 255
     std = stacked.new_tensor(CLIP_STD).view(3, 1, 1) * 255
     return (stacked - mean) / std, torch.stack(boxes)
+
+
+def read_originals(read: Callable[[int], torch.Tensor | None] | None,
+                   indices: torch.Tensor) -> list[torch.Tensor] | None:
+    """The original images ``[3, H_i, W_i]`` uint8 of the samples ``indices [B]`` by ``read(index)`` (e.g.
+    ``functools.partial(datamodule.original_image, "val")``), or None unless ``read`` serves every one of them."""
+    images = None if read is None else [read(index) for index in indices.tolist()]
+    return images if images is not None and all(image is not None for image in images) else None
 
 
 # --------------------------------------------------------------------------------------------- descriptors
@@ -796,12 +805,11 @@ class LaZSL(Callback):
     def originals(self, indices: torch.Tensor) -> list[torch.Tensor] | None:
         """The original images ``[3, H_i, W_i]`` uint8 of validation samples ``indices [B]``, or None (said once in
         the log, with the reason) when the datamodule does not serve them."""
-        read = self._read_original
-        images = None if read is None else [read(index) for index in indices.tolist()]
-        if images is not None and all(image is not None for image in images):
+        images = read_originals(self._read_original, indices)
+        if images is not None:
             return images
         if not self._fallback_said:
-            why = ("has no original_image(split, index) (xvlm.contracts.OriginalImages)" if read is None
+            why = ("has no original_image(split, index) (xvlm.contracts.OriginalImages)" if self._read_original is None
                    else "serves no original images of its 'val' split (its images are arrays, not files)")
             rank_zero_info(f"LaZSL cuts its crops from the resized, centre-cropped validation batch, not from the "
                            f"original images: the datamodule {self._datamodule_name} {why}.")

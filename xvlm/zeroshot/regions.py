@@ -49,7 +49,7 @@ from datamodules.task import Task
 from xvlm.backbones import VisionLanguageModel
 from xvlm.contracts import ExplainableModule
 from xvlm.prompts import descriptor_sentences, encode_descriptors
-from xvlm.zeroshot.lazsl import LaZSLSettings, score_images
+from xvlm.zeroshot.lazsl import LaZSLSettings, read_originals, score_images
 
 __all__ = [
     "RegionCrops",
@@ -275,10 +275,7 @@ def lazsl_explainer(
     def explain(batch: dict[str, Any]) -> dict[str, Any]:
         images = batch["image"]
         indices = batch.get("index", torch.arange(len(images)))
-        served = None if originals is None else [originals(index) for index in indices.tolist()]
-        if served is not None and any(image is None for image in served):
-            served = None
         return explain_lazsl(module.zero_shot_encoder(), images, indices, module.task, settings=settings,
-                             region_crops=region_crops, originals=served)
+                             region_crops=region_crops, originals=read_originals(originals, indices))
 
     return explain
