@@ -5,9 +5,9 @@
 
 The model and datamodule are built from the training run's own config by the ``xvlm`` Lightning CLI (without
 running it), the datamodule's task is attached to the model and the checkpoint's weights are loaded (a checkpoint
-of another module class is refused). Image files are read with PIL, resized to the module's ``input_side`` and
-CLIP-normalised; without ``--images`` the first ``--num_images`` samples of ``--split`` (default ``val``) are
-explained. One PNG per image goes to ``--out``: ``<split>_<index>.png`` or ``<position>_<file stem>.png``.
+of another module class is refused). Image files are decoded as the datamodules decode theirs (an unreadable
+file is an error naming it), resized to the module's ``input_side`` and CLIP-normalised; without ``--images``
+the first ``--num_images`` samples of ``--split`` (default ``val``) are explained. One PNG per image goes to ``--out``: ``<split>_<index>.png`` or ``<position>_<file stem>.png``.
 ``--explainer`` picks the maps: the module's own ``explain`` (its configured explainer) by default, ``lazsl``
 (LaZSL's per-descriptor region heat maps, with the settings of the config's LaZSL callback; ``--lazsl`` is the
 same), or any registered explainer (:mod:`xvlm.explain.explainers`) of the predicted class. LaZSL cuts its crops
@@ -24,19 +24,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
-from PIL import Image
 
+from datamodules.loading import read_rgb
 from datamodules.transforms import eval_transform
 from xvlm.checkpointing import check_checkpoint_class, class_path
-from xvlm.explain.explainers import check_explainer, explainer_names
-from xvlm.explain.gallery import first_samples, named_explainer, original_reader, render_batch, sample_names
+from xvlm.explain.explainers import check_explainer
+from xvlm.explain.gallery import first_samples, gallery_explainers, named_explainer, render_batch, sample_names
 from xvlm.explain.render import save_figure
 from xvlm.methods.base import XVLMModule
-from xvlm.zeroshot import lazsl_settings_of
+from xvlm.zeroshot import lazsl_settings_of, original_reader
 
 STAGES = {"images": "predict", "val": "validate", "test": "test"}
 """Datamodule ``setup`` stage per source of images."""
@@ -54,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--split", choices=("val", "test"), default="val", help="Split to explain (default val).")
     parser.add_argument("--num_images", type=int, default=8, help="Samples of --split to explain (default 8).")
     parser.add_argument("--out", required=True, help="Folder of the PNG files.")
-    choices = ["module", "lazsl", *explainer_names()]
+    choices = gallery_explainers()
     parser.add_argument("--explainer", choices=choices, default=None, metavar="NAME",
                         help="Maps to render: 'module' (default: the module's own explain, i.e. its configured "
                              "explainer), 'lazsl' (LaZSL's per-descriptor region heat maps with the settings of the "
@@ -64,23 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_rgb(path: str | Path) -> np.ndarray:
-    """``[H, W, 3]`` uint8 RGB of an image file, read with PIL."""
-    with Image.open(path) as file:
-        return np.array(file.convert("RGB"))
-
-
 def load_images(paths: Sequence[str | Path], image_size: int) -> dict[str, torch.Tensor]:
     """Image files as a batch ``{"image": [N, 3, S, S], "index": [N]}``: RGB, resized to ``S`` and CLIP-normalised;
     ``index`` is each file's position in ``paths`` (it seeds LaZSL's crops and names the original)."""
     transform = eval_transform(image_size)
-    images = [transform(image=_read_rgb(path))["image"] for path in paths]
+    images = [transform(image=read_rgb(path))["image"] for path in paths]
     return {"image": torch.stack(images), "index": torch.arange(len(paths))}
 
 
 def original_files(paths: Sequence[str | Path]) -> Callable[[int], torch.Tensor]:
     """``index -> [3, H, W] uint8``: the file ``paths[index]`` as decoded, the original LaZSL cuts its crops from."""
-    return lambda index: torch.from_numpy(_read_rgb(paths[index])).permute(2, 0, 1).contiguous()
+    return lambda index: torch.from_numpy(read_rgb(paths[index])).permute(2, 0, 1).contiguous()
 
 
 def load_checkpoint_weights(model: XVLMModule, path: str | Path) -> None:

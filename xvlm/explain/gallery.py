@@ -25,10 +25,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 
-from xvlm.contracts import ExplainableModule, OriginalImages
+from xvlm.contracts import ExplainableModule
 from xvlm.explain.explainers import explain_with, explainer_names
 from xvlm.explain.render import render_explanation, sample_explanation, save_figure
-from xvlm.zeroshot.lazsl import LaZSLSettings, evaluating, lazsl_settings_of
+from xvlm.zeroshot.lazsl import LaZSLSettings, evaluating, lazsl_settings_of, original_reader
 from xvlm.zeroshot.regions import RegionCrops, lazsl_explainer
 
 
@@ -72,12 +72,6 @@ def gallery_explainers() -> list[str]:
     """What a gallery or ``xvlm explain`` can render: ``module`` (the module's own ``explain``), ``lazsl`` and every
     registered explainer."""
     return ["module", "lazsl", *explainer_names()]
-
-
-def original_reader(datamodule: object, split: str) -> Callable[[int], torch.Tensor | None] | None:
-    """``index -> [3, H, W] uint8`` original image of ``split``'s samples when ``datamodule`` serves them
-    (:class:`xvlm.contracts.OriginalImages`), else None."""
-    return partial(datamodule.original_image, split) if isinstance(datamodule, OriginalImages) else None
 
 
 def named_explainer(

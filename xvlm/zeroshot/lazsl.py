@@ -107,6 +107,7 @@ __all__ = [
     "lazsl_settings_of",
     "load_descriptors",
     "make_views",
+    "original_reader",
     "read_originals",
     "sample_boxes",
     "score_images",
@@ -345,6 +346,12 @@ def views_from_originals(
     mean = stacked.new_tensor(CLIP_MEAN).view(3, 1, 1) * 255
     std = stacked.new_tensor(CLIP_STD).view(3, 1, 1) * 255
     return (stacked - mean) / std, torch.stack(boxes)
+
+
+def original_reader(datamodule: object, split: str) -> Callable[[int], torch.Tensor | None] | None:
+    """``index -> [3, H, W] uint8`` original image of ``split``'s samples when ``datamodule`` serves them
+    (:class:`xvlm.contracts.OriginalImages`), else None."""
+    return partial(datamodule.original_image, split) if isinstance(datamodule, OriginalImages) else None
 
 
 def read_originals(read: Callable[[int], torch.Tensor | None] | None,
@@ -722,8 +729,7 @@ class LaZSL(Callback):
         if not isinstance(task, Task):
             raise ValueError("LaZSL needs a datamodule that publishes a Task (trainer.datamodule.task)")
         self._datamodule_name = type(datamodule).__name__
-        self._read_original = (partial(datamodule.original_image, "val") if isinstance(datamodule, OriginalImages)
-                               else None)
+        self._read_original = original_reader(datamodule, "val")
         descriptors = task.require("descriptors", "LaZSL")
         if self.split == "unseen":
             classes = list(task.require("unseen", "LaZSL(split='unseen')"))
