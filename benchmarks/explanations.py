@@ -49,7 +49,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 import xvlm.methods  # noqa: E402
 from benchmarks.compare_lico import FORMER_DEFAULTS, fit  # noqa: E402
-from benchmarks.mass_in_mask import check_backbone, top_descriptor_maps  # noqa: E402
+from benchmarks.mass_in_mask import check_backbone  # noqa: E402
 from benchmarks.timing import best_seconds_in_turn  # noqa: E402
 from xvlm.explain import denormalise, save_figure  # noqa: E402
 from xvlm.explain.explainers import attribution_maps, check_explainer, explainer_names  # noqa: E402
@@ -62,7 +62,7 @@ from xvlm.metrics.saliency import (  # noqa: E402
     uniform_mass_in_mask,
 )
 from xvlm.zeroshot import LaZSLSettings  # noqa: E402
-from xvlm.zeroshot.regions import RegionCrops, explain_lazsl  # noqa: E402
+from xvlm.zeroshot.regions import RegionCrops, explain_lazsl, top_descriptor_maps  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BACKBONE_METHOD = "CLIPFineTune"

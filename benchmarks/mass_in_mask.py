@@ -22,7 +22,7 @@ from xvlm.backbones import VisionLanguageModel  # noqa: E402
 from xvlm.metrics.saliency import mass_in_mask, uniform_mass_in_mask  # noqa: E402
 from xvlm.shapes_pretraining import checkpoint_root  # noqa: E402
 from xvlm.zeroshot import LaZSLSettings  # noqa: E402
-from xvlm.zeroshot.regions import RegionCrops, explain_lazsl  # noqa: E402
+from xvlm.zeroshot.regions import RegionCrops, explain_lazsl, top_descriptor_maps  # noqa: E402
 
 def check_backbone(name: str) -> None:
     """Warn when the Shapes weights of ``name`` are not cached: ``pretrained: shapes`` will build them first."""
@@ -38,13 +38,6 @@ def load_encoder(pretrained: str) -> VisionLanguageModel:
         check_backbone("xvlm-tiny")
     source = None if pretrained.lower() == "none" else pretrained
     return VisionLanguageModel("xvlm-tiny", pretrained=source).eval()
-
-
-def top_descriptor_maps(explanation: dict) -> torch.Tensor:
-    """``[B, H, W]`` heat map of each image's real descriptor with the largest contribution."""
-    contributions = explanation["descriptor_contributions"].masked_fill(~explanation["descriptor_mask"], -torch.inf)
-    top = contributions.argmax(dim=1)
-    return explanation["descriptor_maps"][torch.arange(len(top)), top]
 
 
 def measure(encoder: VisionLanguageModel, images: int, n_crops: int) -> dict[str, float]:

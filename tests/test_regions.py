@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from datamodules import ShapesDataModule
 from xvlm.backbones import VisionLanguageModel
 from xvlm.zeroshot import LaZSLSettings, descriptor_contributions, hybrid_similarity, lazsl_scores
-from xvlm.zeroshot.regions import RegionCrops, crop_weights, descriptor_heatmaps, explain_lazsl
+from xvlm.zeroshot.regions import RegionCrops, crop_weights, descriptor_heatmaps, explain_lazsl, top_descriptor_maps
 
 
 def _features(b=3, c=5, n=6, m=4, d=16, seed=0):
@@ -154,3 +154,14 @@ def test_map_masses_follow_the_plan_columns_and_crop_weights(shapes_explanation)
     covered = kept_boxes[:, 0] > 0
     flat = covered / keep.sum(1)[:, None, None]
     torch.testing.assert_close(maps.sum(1), flat.to(maps.dtype), atol=1e-5, rtol=0)
+
+
+def test_top_descriptor_map_is_the_real_descriptor_with_the_largest_contribution():
+    # image 0: real descriptors 0-1 with negative contributions, padding (0) must not win; image 1: descriptor 2
+    explanation = {
+        "descriptor_contributions": torch.tensor([[-0.3, -0.1, 0.0], [0.1, 0.2, 0.5]]),
+        "descriptor_mask": torch.tensor([[True, True, False], [True, True, True]]),
+        "descriptor_maps": torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2),
+    }
+    expected = torch.stack([explanation["descriptor_maps"][0, 1], explanation["descriptor_maps"][1, 2]])
+    torch.testing.assert_close(top_descriptor_maps(explanation), expected)

@@ -58,6 +58,7 @@ __all__ = [
     "descriptor_heatmaps",
     "explain_lazsl",
     "lazsl_explainer",
+    "top_descriptor_maps",
 ]
 
 
@@ -240,6 +241,15 @@ def explain_lazsl(
         "crop_keep": regions.crop_keep,
         "boxes": regions.boxes,
     }
+
+
+def top_descriptor_maps(explanation: dict[str, Any]) -> torch.Tensor:
+    """``[B, H, W]`` heat map of each image's real descriptor with the largest contribution, from an
+    :func:`explain_lazsl` output over batch images (padded descriptors never win, even against negative
+    contributions)."""
+    contributions = explanation["descriptor_contributions"].masked_fill(~explanation["descriptor_mask"], -torch.inf)
+    top = contributions.argmax(dim=1)
+    return explanation["descriptor_maps"][torch.arange(len(top)), top]
 
 
 def _descriptor_names(name: str, descriptors: dict[str, list[str]], width: int) -> list[str]:
