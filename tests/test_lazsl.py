@@ -27,6 +27,7 @@ from xvlm.zeroshot import (
     make_views,
     sample_boxes,
     score_images,
+    views_from_originals,
     vision_selection,
 )
 from xvlm.zeroshot.scorers import awt_scores, wca_scores
@@ -147,49 +148,32 @@ def test_crops_depend_only_on_seed_and_dataset_index():
     assert not torch.equal(first, sample_boxes(64, 64, 8, 0.5, 0.9, image_seeds(2, [5, 7])))
 
 
-def _ramp(height, width):
-    """Image whose channels are the pixel column, the pixel row and a constant."""
-    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
-                          indexing="ij")
-    return torch.stack([x, y, torch.full_like(x, 0.25)])[None]
+def _normalised_batch(pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` uint8 pixels as the validation batch holds them: ``(x / 255 − mean) / std``."""
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return (pixels.float() / 255 - mean) / std
 
 
-def test_views_show_the_content_of_their_boxes():
-    height, width, out = 48, 64, 12
-    views, boxes = make_views(_ramp(height, width), 6, 0.5, 0.9, seeds=image_seeds(0, [3]), out_size=out)
-    assert views.shape == (1, 7, 3, out, out)
-    short = min(height, width)
-    centre = torch.tensor([[(width - short) / 2, 0.0, (width + short) / 2, short]], dtype=torch.float64)
-    edges = torch.arange(out + 1, dtype=torch.float64) / out
-    for view, (x0, y0, x1, y1) in zip(views[0], torch.cat([centre, boxes[0]])):
-        # a linear image resamples exactly to its value at the bin centre (pixel centres sit at i + 0.5); bins
-        # within half a pixel of the image border see the border pixel repeated instead, so they are left out
-        x_bins, y_bins = x0 + edges * (x1 - x0), y0 + edges * (y1 - y0)
-        x_inside = (x_bins[:-1] >= 0.5) & (x_bins[1:] <= width - 0.5)
-        y_inside = (y_bins[:-1] >= 0.5) & (y_bins[1:] <= height - 0.5)
-        assert x_inside.sum() >= out - 2 and y_inside.sum() >= out - 2
-        inside = y_inside[:, None] & x_inside[None, :]
-        x_centres, y_centres = (x_bins[:-1] + x_bins[1:]) / 2 - 0.5, (y_bins[:-1] + y_bins[1:]) / 2 - 0.5
-        torch.testing.assert_close(view[0][inside], x_centres[None, :].expand(out, out)[inside])
-        torch.testing.assert_close(view[1][inside], y_centres[:, None].expand(out, out)[inside])
-        torch.testing.assert_close(view[2], torch.full((out, out), 0.25, dtype=torch.float64))
+@pytest.mark.parametrize(("height", "width"), [(48, 64), (37, 23), (32, 32)])
+def test_views_of_a_batch_are_the_views_of_its_originals(height, width):
+    """One resampler: the batch path (pixels recovered from the normalised batch) cuts what the originals path cuts,
+    also on non-square images of odd sizes."""
+    pixels = torch.randint(0, 256, (2, 3, height, width), generator=torch.Generator().manual_seed(height),
+                           dtype=torch.uint8)
+    seeds = image_seeds(0, [3, 4])
+    views, boxes = make_views(_normalised_batch(pixels), 6, 0.3, 0.9, seeds=seeds, out_size=20)
+    expected, expected_boxes = views_from_originals(list(pixels), 6, 0.3, 0.9, seeds=seeds, out_size=20)
+    assert views.shape == (2, 7, 3, 20, 20) and torch.equal(boxes, expected_boxes)
+    torch.testing.assert_close(views, expected, atol=1e-5, rtol=0)
 
 
 def test_a_view_at_native_size_is_the_pixel_box():
-    image = torch.rand(2, 3, 40, 50, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randint(0, 256, (2, 3, 40, 50), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    image = _normalised_batch(pixels)
     views, boxes = make_views(image, 3, 0.8, 0.8, seeds=image_seeds(0, [0, 1]), out_size=32)
     for b in range(2):
         for n, (x0, y0, x1, y1) in enumerate(boxes[b].long().tolist()):
-            torch.testing.assert_close(views[b, 1 + n], image[b, :, y0:y1, x0:x1])
-
-
-def test_views_of_normalised_images_are_normalised_views():
-    image = torch.rand(2, 3, 37, 45, generator=torch.Generator().manual_seed(1))
-    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-    seeds = image_seeds(4, [10, 11])
-    raw, _ = make_views(image, 5, 0.6, seeds=seeds, out_size=20)
-    normalised, _ = make_views((image - mean) / std, 5, 0.6, seeds=seeds, out_size=20)
-    torch.testing.assert_close(normalised, (raw - mean) / std)
+            torch.testing.assert_close(views[b, 1 + n], image[b, :, y0:y1, x0:x1], atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------- descriptors
@@ -298,11 +282,11 @@ def test_micro_top1_is_the_share_of_unseen_images_predicted_right():
         assert float(logged) == pytest.approx(count / total, abs=1e-6)
 
 
-def test_competitors_are_scored_on_the_lazsl_views_and_logged_side_by_side():
+def test_every_scorer_is_scored_on_the_lazsl_views_and_logged_side_by_side():
     datamodule = _datamodule(val_size=48)
     torch.manual_seed(0)
     module = CLIPFineTune(pretrained=None, input_size=32)
-    callback = LaZSL(n_crops=3, competitors=["wca", "awt"])
+    callback = LaZSL(n_crops=3, scorers=["wca", "awt"])
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callback])
     trainer.validate(module, datamodule)
@@ -330,8 +314,12 @@ def test_competitors_are_scored_on_the_lazsl_views_and_logged_side_by_side():
         logged = trainer.callback_metrics[f"lazsl/{name}_unseen_top1_micro"]
         assert float(logged) == pytest.approx(count / total, abs=1e-6)
         assert 0 <= float(trainer.callback_metrics[f"lazsl/{name}_unseen_top1"]) <= 1
-    with pytest.raises(ValueError, match=r"competitors=\['wca', 'clip'\]: unknown \['clip'\]; choose from \['wca', 'awt'\]"):
-        LaZSL(competitors=["wca", "clip"])
+    assert not any(key.startswith(("lazsl/unseen", "lazsl/dclip")) for key in trainer.callback_metrics)  # not listed
+    choices = r"choose from \['lazsl', 'dclip', 'wca', 'awt'\]"
+    with pytest.raises(ValueError, match=r"scorers=\['wca', 'clip'\]: unknown \['clip'\]; " + choices):
+        LaZSL(scorers=["wca", "clip"])
+    with pytest.raises(ValueError, match=r"scorers=\[\]: empty; " + choices):
+        LaZSL(scorers=[])
 
 
 def test_micro_top1_counts_images_where_the_per_class_mean_counts_classes(monkeypatch):

@@ -14,7 +14,7 @@ KEYS = ("unseen_top1", "unseen_top1_micro", "dclip_unseen_top1", "dclip_unseen_t
 
 def _validate(module: CLIPFineTune, **trainer_args) -> dict[str, float]:
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[LaZSL(n_crops=3, competitors=["wca"])], **trainer_args)
+                        callbacks=[LaZSL(n_crops=3, scorers=["lazsl", "dclip", "wca"])], **trainer_args)
     trainer.validate(module, _datamodule(val_size=48, batch_size=8))
     return {key: float(trainer.callback_metrics[f"lazsl/{key}"]) for key in KEYS}
 

@@ -38,7 +38,8 @@ def _entropy(logits):
 
 # --------------------------------------------------------------------------------------------- loops
 def _wca_loop(crops, glob, desc, mask, names, tv, tt):
-    """ψ_bk = Σ_n Σ_j w_n v_kj <p_n, q_kj>, w = softmax(<p_n, p_g> / τ_v), v = softmax over real j of <q, n_k> / τ_t."""
+    """ψ_bk = Σ_n Σ_j w_n v_kj <p_n, q_kj> / (‖Σ_n w_n p_n‖ ‖Σ_j v_kj q_kj‖), w = softmax(<p_n, p_g> / τ_v),
+    v = softmax over real j of <q, n_k> / τ_t."""
     b, n, _ = crops.shape
     c, m, _ = desc.shape
     out = torch.zeros(b, c, dtype=torch.float64)
@@ -49,7 +50,8 @@ def _wca_loop(crops, glob, desc, mask, names, tv, tt):
         for k in range(c):
             qs = [_unit(desc[k, j]) for j in range(m) if mask[k, j]]
             v = _softmax([q @ _unit(names[k]) / tt for q in qs])
-            out[i, k] = sum(w[a] * v[j] * (ps[a] @ qs[j]) for a in range(n) for j in range(len(qs)))
+            norms = sum(w[a] * ps[a] for a in range(n)).norm() * sum(v[j] * qs[j] for j in range(len(qs))).norm()
+            out[i, k] = sum(w[a] * v[j] * (ps[a] @ qs[j]) for a in range(n) for j in range(len(qs))) / norms
     return out
 
 
@@ -80,10 +82,13 @@ def _awt_loop(crops, glob, desc, mask, names, scale, tv, tt, eps=None):
 
 
 # --------------------------------------------------------------------------------------------- WCA
-@pytest.mark.parametrize(("tv", "tt"), [(1.0, 1.0), (0.05, 0.1)])
+@pytest.mark.parametrize(("tv", "tt"), [(None, None), (1.0, 1.0), (0.05, 0.1)])
 def test_wca_matches_the_loop(tv, tt):
+    """``None``: the defaults, which are the authors' code's log-scales 4 (crops) and 2 (descriptions)."""
     feats = _features()
-    scores = wca_scores(*feats, crop_temperature=tv, text_temperature=tt)
+    options = {} if tv is None else {"crop_temperature": tv, "text_temperature": tt}
+    scores = wca_scores(*feats, **options)
+    tv, tt = (math.exp(-4), math.exp(-2)) if tv is None else (tv, tt)
     assert scores.dtype == torch.float64 and scores.shape == (3, 4)
     torch.testing.assert_close(scores, _wca_loop(*feats, tv, tt), rtol=0, atol=1e-12)
 
@@ -96,12 +101,13 @@ def test_wca_weights_sum_to_one_and_skip_padded_descriptors():
     assert bool((v[~mask] == 0).all()) and bool((v[mask] > 0).all())
 
 
-def test_wca_with_flat_weights_is_the_mean_cosine_over_crops_and_descriptors():
+def test_wca_with_flat_weights_is_the_cosine_of_the_mean_crop_and_the_mean_description():
     crops, glob, desc, mask, names = _features()
     scores = wca_scores(crops, glob, desc, mask, names, crop_temperature=1e12, text_temperature=1e12)
-    cos = torch.einsum("bnd,cmd->bcnm", F.normalize(crops, dim=-1), F.normalize(desc, dim=-1))
-    mean = (cos.mean(dim=2) * mask).sum(dim=-1) / mask.sum(dim=-1)
-    torch.testing.assert_close(scores, mean, rtol=0, atol=1e-10)
+    mean_crop = F.normalize(crops, dim=-1).mean(dim=1)
+    mean_desc = (F.normalize(desc, dim=-1) * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+    expected = F.cosine_similarity(mean_crop[:, None], mean_desc[None], dim=-1)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------- AWT

@@ -25,9 +25,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 
-from xvlm.contracts import ExplainableModule
+from xvlm.contracts import ExplainableModule, WholeSplits
 from xvlm.explain.explainers import explain_with, explainer_names
-from xvlm.explain.render import render_explanation, sample_explanation, save_figure
+from xvlm.explain.render import per_sample_entries, render_explanation, sample_explanation, save_figure
 from xvlm.zeroshot.lazsl import LaZSLSettings, evaluating, lazsl_settings_of, original_reader
 from xvlm.zeroshot.regions import RegionCrops, lazsl_explainer
 
@@ -40,11 +40,15 @@ def _concat(parts: list[Any]) -> Any:
 
 
 def first_samples(loader: Iterable[dict[str, Any]], count: int) -> dict[str, Any]:
-    """The first ``count`` samples a loader yields (fewer if it runs out), as one batch-first dict on the CPU."""
+    """The first ``count`` samples a loader yields (fewer if it runs out), as one batch-first dict on the CPU.
+
+    Only per-sample entries are kept (:func:`~xvlm.explain.render.per_sample_entries`): batch-level values, such as
+    the ``skipped_images`` count of an ``on_bad_image: skip`` loader, describe no sample.
+    """
     parts: list[dict[str, Any]] = []
     taken = 0
     for batch in loader:
-        parts.append(move_data_to_device(batch, "cpu"))
+        parts.append(per_sample_entries(move_data_to_device(batch, "cpu")))
         taken += len(batch["image"])
         if taken >= count:
             break
@@ -54,7 +58,11 @@ def first_samples(loader: Iterable[dict[str, Any]], count: int) -> dict[str, Any
 
 
 def split_loader(trainer: L.Trainer, split: str, owner: str) -> Iterable[dict[str, Any]]:
-    """A fresh ``<split>_dataloader()`` of the trainer's datamodule; ``owner`` names the caller in the error."""
+    """A fresh loader of the whole ``split`` of the trainer's datamodule, the same on every rank
+    (:class:`~xvlm.contracts.WholeSplits`), else its ``<split>_dataloader()``; ``owner`` names the caller in the
+    error."""
+    if isinstance(trainer.datamodule, WholeSplits):
+        return trainer.datamodule.loader(split, sharded=False)
     loader = getattr(trainer.datamodule, f"{split}_dataloader", None)
     if loader is None:
         raise ValueError(f"{owner}(split='{split}') needs a datamodule with {split}_dataloader(); "

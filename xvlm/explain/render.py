@@ -74,13 +74,16 @@ def denormalise(image: torch.Tensor) -> np.ndarray:
     return (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def _is_batched(value: Any) -> bool:
-    return (isinstance(value, torch.Tensor) and value.ndim > 0) or isinstance(value, (list, tuple))
+def per_sample_entries(values: dict[str, Any]) -> dict[str, Any]:
+    """The batch-first entries of ``values`` (tensors with a batch axis, lists, tuples); batch-level values (a 0-dim
+    tensor such as a batch's ``skipped_images`` count, a number, ``None``) are dropped."""
+    return {key: value for key, value in values.items()
+            if (isinstance(value, torch.Tensor) and value.ndim > 0) or isinstance(value, (list, tuple))}
 
 
 def sample_explanation(explanation: dict[str, Any], index: int) -> dict[str, Any]:
     """Sample ``index`` of a batch-first explanation (``saliency [B, H, W]`` -> ``[H, W]``); other values dropped."""
-    return {key: value[index] for key, value in explanation.items() if _is_batched(value)}
+    return {key: value[index] for key, value in per_sample_entries(explanation).items()}
 
 
 def _scores(explanation: dict[str, Any], group: str) -> torch.Tensor | None:

@@ -26,14 +26,13 @@ Deliberate deviations from the reference code (spec §8):
    datamodule for ImageNet-R must use the R list (nothing here depends on it).
 2. Crop boxes ``(x0, y0, x1, y1)`` are returned with every score (the reference never records them).
 3. Crops come from a torch generator per image seeded from ``(seed, dataset index)``, not from numpy's global RNG
-   in loader workers; every epoch sees the same crops. From original images (:func:`views_from_originals`, what
-   the callback uses when the datamodule serves them, ``xvlm.contracts.OriginalImages``) they are cut like the
-   reference's: boxes of α..β of the original short side anywhere in the image, each resized by torch's
-   antialiased bicubic ``interpolate`` (PIL's filter, ``a = −0.5``) and rounded to whole pixel values, as PIL
-   does on uint8 images; the global view is CLIP's preprocessing the same way. Without originals
-   (:func:`make_views`, e.g. Shapes and CIFAR, whose arrays are already at their final size) the views are cut
-   from the resized, centre-cropped batch in one batched ``roi_align``, which samples bilinearly and averages
-   ``ceil(box / out)`` samples per output pixel when shrinking.
+   in loader workers; every epoch sees the same crops. They are cut like the reference's: boxes of α..β of the
+   short side anywhere in the image, each resized by torch's antialiased bicubic ``interpolate`` (PIL's filter,
+   ``a = −0.5``) and rounded to whole pixel values, as PIL does on uint8 images; the global view is CLIP's
+   preprocessing the same way. The callback cuts them from the original images when the datamodule serves them
+   (:func:`views_from_originals`, ``xvlm.contracts.OriginalImages``), else from the resized, centre-cropped batch
+   mapped back to pixel values (:func:`make_views`, e.g. Shapes and CIFAR, whose arrays are already at their final
+   size), with the same resampler, so the two paths agree wherever the batch is the original.
 4. Similarities, costs, Sinkhorn and scores run in float32 (float64 features stay float64) with autocast off,
    whatever the features' dtype, in the scaling or log domain by range (never fp16); a non-finite cost is an
    error instead of a silent ``None``.
@@ -59,10 +58,8 @@ Deliberate deviations from the reference code (spec §8):
 11. The reference's unused "constrain" kernel masking and CuPL switch are not implemented.
 
 Further choices of ours: the crop with the highest cosine to the global view always survives vision selection
-(rounding could otherwise drop every crop of a flat image); without originals the callback cuts its views from the
-CLIP-normalised validation batch directly, which equals normalising views cut from the raw image because
-``roi_align`` resamples by convex combinations and normalisation is affine per channel (it says so once in the
-log, naming the datamodule).
+(rounding could otherwise drop every crop of a flat image); without originals the callback says so once in the
+log, naming the datamodule.
 """
 
 from __future__ import annotations
@@ -84,7 +81,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchvision.ops import roi_align
 
 from datamodules.task import Task
 from xvlm.backbones import CLIP_MEAN, CLIP_STD, VisionLanguageModel
@@ -96,6 +92,7 @@ from xvlm.zeroshot.scorers import awt_scores, wca_scores
 
 __all__ = [
     "COMPETITORS",
+    "SCORERS",
     "LaZSL",
     "LaZSLOutput",
     "LaZSLSettings",
@@ -117,11 +114,12 @@ __all__ = [
 
 Split = Literal["unseen", "all"]
 StopRule = Literal["relative", "reference"]
-Competitor = Literal["wca", "awt"]
+Scorer = Literal["lazsl", "dclip", "wca", "awt"]
+SCORERS: tuple[Scorer, ...] = ("lazsl", "dclip", "wca", "awt")
+"""What the callback can log (``scorers``), all on the same views and descriptor features."""
 COMPETITORS: dict[str, Callable[..., torch.Tensor]] = {"wca": wca_scores, "awt": awt_scores}
-"""Training-free scorers the callback can log next to LaZSL and DCLIP (``competitors``), on the same views and
-descriptors (:mod:`xvlm.zeroshot.scorers`): ``scorer(crop_feats [B, N, D], global_feats [B, D], desc_feats,
-desc_mask, name_feats [C, D]) -> [B, C]``."""
+"""The training-free competitors among :data:`SCORERS` (:mod:`xvlm.zeroshot.scorers`): ``scorer(crop_feats
+[B, N, D], global_feats [B, D], desc_feats, desc_mask, name_feats [C, D]) -> [B, C]``."""
 NAME_TEMPLATE = "a photo of a {}."
 """The class-name prompt of the competitors (WCA's description weights, AWT's name view)."""
 STOP_RULES: tuple[StopRule, ...] = ("relative", "reference")
@@ -241,15 +239,16 @@ def make_views(
     seeds: Sequence[int],
     out_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global view and ``N`` random square crops of each image, resized to the model input.
+    """The global view and ``N`` random square crops of each CLIP-normalised image, cut as from an original.
 
-    The global view is the centred square of side ``min(H, W)`` (CLIP's resize-then-centre-crop); the crops are
-    those of :func:`sample_boxes`. All ``B (1 + N)`` boxes are resampled in one ``roi_align`` call (bilinear,
-    ``ceil(box / out_size)`` samples averaged per output pixel). As every output pixel is a convex combination of
-    input pixels, views of per-channel affinely normalised images are the normalised views of the raw images.
+    The images are mapped back to whole pixel values ``round(255 (x · std + mean))`` (exactly the decoded ones
+    when the transform kept them whole, as a plain resize-free crop does) and cut exactly as
+    :func:`views_from_originals` cuts decoded images (CLIP's resize and centre crop for the global view, the boxes
+    of :func:`sample_boxes`, antialiased bicubic resizes rounded to whole pixel values), so one resampler serves
+    both paths: on a square image at model size the views of the batch are those of its original.
 
     Args:
-        images: ``[B, 3, H, W]`` float images (raw or normalised).
+        images: ``[B, 3, H, W]`` CLIP-normalised images (the validation batch).
         n_crops: crops per image ``N``.
         alpha: smallest crop side as a fraction of the short side.
         beta: largest crop side as a fraction of the short side.
@@ -257,26 +256,37 @@ def make_views(
         out_size: side ``s`` of every view.
 
     Returns:
-        ``views [B, 1 + N, 3, s, s]`` (view 0 is the global one) and the crop ``boxes [B, N, 4]``
-        ``(x0, y0, x1, y1)`` in input pixels, on the images' device and dtype.
+        ``views [B, 1 + N, 3, s, s]`` CLIP-normalised in the images' dtype (view 0 is the global one) and the crop
+        ``boxes [B, N, 4]`` float32 ``(x0, y0, x1, y1)`` in input pixels, on the images' device.
     """
-    b, channels, height, width = images.shape
-    if len(seeds) != b:
-        raise ValueError(f"make_views needs one seed per image: {len(seeds)} seeds for {b} images")
-    boxes = sample_boxes(height, width, n_crops, alpha, beta, seeds).to(images.device, images.dtype)
-    short = min(height, width)
-    x0, y0 = (width - short) / 2, (height - short) / 2
-    centre = images.new_tensor([x0, y0, x0 + short, y0 + short]).expand(b, 1, 4)
-    every_box = torch.cat([centre, boxes], dim=1)
-    views = roi_align(images, list(every_box.unbind(0)), output_size=out_size, sampling_ratio=-1, aligned=True)
-    return views.view(b, 1 + n_crops, channels, out_size, out_size), boxes
+    if len(seeds) != len(images):
+        raise ValueError(f"make_views needs one seed per image: {len(seeds)} seeds for {len(images)} images")
+    mean, std = _clip_statistics(images.device)
+    pixels = (images.float() * std + mean).clamp_(0, 255).round_()
+    views, boxes = _views_of_pixels(list(pixels.unbind(0)), n_crops, alpha, beta, seeds, out_size)
+    return views.to(images.dtype), boxes
 
 
-def _bicubic(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``[K, 3, h, w]`` pixel values in ``[0, 255]`` resized to ``size = (h', w')`` by antialiased bicubic
-    interpolation, clamped to ``[0, 255]`` and rounded, as PIL's bicubic resize of a uint8 image."""
-    resized = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
-    return resized.clamp_(0, 255).round_()
+def _clip_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's per-channel mean and std in pixel units (``[3, 1, 1]`` each, ``× 255``), float32 on ``device``."""
+    mean = torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1) * 255
+    return mean, torch.tensor(CLIP_STD, device=device).view(3, 1, 1) * 255
+
+
+def _bicubic(pieces: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Each ``[3, h, w]`` piece of pixel values in ``[0, 255]`` resized to its ``(h', w')`` by antialiased bicubic
+    interpolation, clamped to ``[0, 255]`` and rounded, as PIL's bicubic resize of a uint8 image. Pieces of one
+    shape going to one size share an ``interpolate`` call (each sample is resized on its own)."""
+    groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = {}
+    for position, (piece, size) in enumerate(zip(pieces, sizes)):
+        groups.setdefault((tuple(piece.shape), size), []).append(position)
+    resized: list[torch.Tensor] = [torch.empty(0)] * len(pieces)
+    for (_, size), positions in groups.items():
+        stack = torch.stack([pieces[i] for i in positions])
+        out = F.interpolate(stack, size=size, mode="bicubic", align_corners=False, antialias=True)
+        for position, image in zip(positions, out.clamp_(0, 255).round_()):
+            resized[position] = image
+    return resized
 
 
 def _clip_preprocess_size(height: int, width: int, out_size: int) -> tuple[int, int]:
@@ -285,6 +295,30 @@ def _clip_preprocess_size(height: int, width: int, out_size: int) -> tuple[int, 
     if height <= width:
         return out_size, int(out_size * width / height)
     return int(out_size * height / width), out_size
+
+
+def _views_of_pixels(
+    pixels: Sequence[torch.Tensor], n_crops: int, alpha: float, beta: float, seeds: Sequence[int], out_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`views_from_originals` of float ``[3, H_i, W_i]`` pixel values in ``[0, 255]`` (one device)."""
+    pieces, sizes, boxes = [], [], []
+    for image, seed in zip(pixels, seeds):
+        height, width = image.shape[-2:]
+        pieces.append(image)
+        sizes.append(_clip_preprocess_size(height, width, out_size))
+        image_boxes = sample_boxes(height, width, n_crops, alpha, beta, [seed])[0]
+        pieces += [image[:, y0:y1, x0:x1] for x0, y0, x1, y1 in image_boxes.long().tolist()]
+        sizes += [(out_size, out_size)] * n_crops
+        boxes.append(image_boxes.to(image.device, torch.float32))
+    resized = _bicubic(pieces, sizes)
+    views = []
+    for position in range(0, len(resized), 1 + n_crops):
+        whole = resized[position]
+        top, left = round((whole.shape[-2] - out_size) / 2), round((whole.shape[-1] - out_size) / 2)
+        centre = whole[:, top : top + out_size, left : left + out_size]
+        views.append(torch.stack([centre, *resized[position + 1 : position + 1 + n_crops]]))
+    mean, std = _clip_statistics(views[0].device)
+    return (torch.stack(views) - mean) / std, torch.stack(boxes)
 
 
 def views_from_originals(
@@ -306,11 +340,11 @@ def views_from_originals(
       anywhere in the original), each cut from the original at full resolution and resized to ``s × s``;
 
     every resize is antialiased bicubic rounded to whole pixel values (module docstring, deviation 3); then
-    ``(x / 255 − mean) / std`` with CLIP's statistics. One ``interpolate`` call per crop.
+    ``(x / 255 − mean) / std`` with CLIP's statistics. Crops of one size share an ``interpolate`` call.
 
     Args:
-        originals: ``B`` images ``[3, H_i, W_i]`` uint8 RGB, as decoded (``xvlm.contracts.OriginalImages``); the
-            views are made on their device.
+        originals: ``B`` images ``[3, H_i, W_i]`` uint8 RGB, as decoded (``xvlm.contracts.OriginalImages``), on one
+            device; the views are made there.
         n_crops: crops per image ``N``.
         alpha: smallest crop side as a fraction of the short side.
         beta: largest crop side as a fraction of the short side.
@@ -327,25 +361,11 @@ def views_from_originals(
     if len(seeds) != len(originals):
         raise ValueError(f"views_from_originals needs one seed per image: {len(seeds)} seeds for {len(originals)} "
                          "images")
-    views, boxes = [], []
-    for position, (original, seed) in enumerate(zip(originals, seeds)):
+    for position, original in enumerate(originals):
         if original.dtype != torch.uint8 or original.ndim != 3 or original.shape[0] != 3:
             raise ValueError(f"original image {position} must be [3, H, W] uint8 RGB as decoded; got "
                              f"{original.dtype} of shape {tuple(original.shape)}")
-        height, width = original.shape[-2:]
-        pixels = original[None].float()
-        resized_h, resized_w = _clip_preprocess_size(height, width, out_size)
-        top, left = round((resized_h - out_size) / 2), round((resized_w - out_size) / 2)
-        centre = _bicubic(pixels, (resized_h, resized_w))[..., top : top + out_size, left : left + out_size]
-        image_boxes = sample_boxes(height, width, n_crops, alpha, beta, [seed])[0]
-        crops = [_bicubic(pixels[..., y0:y1, x0:x1], (out_size, out_size))
-                 for x0, y0, x1, y1 in image_boxes.long().tolist()]
-        views.append(torch.cat([centre, *crops]))
-        boxes.append(image_boxes.to(original.device, torch.float32))
-    stacked = torch.stack(views)
-    mean = stacked.new_tensor(CLIP_MEAN).view(3, 1, 1) * 255
-    std = stacked.new_tensor(CLIP_STD).view(3, 1, 1) * 255
-    return (stacked - mean) / std, torch.stack(boxes)
+    return _views_of_pixels([original.float() for original in originals], n_crops, alpha, beta, seeds, out_size)
 
 
 def original_reader(datamodule: object, split: str) -> Callable[[int], torch.Tensor | None] | None:
@@ -627,18 +647,20 @@ class LaZSL(Callback):
     from the samples' original images when the datamodule serves them (``original_image('val', index)``,
     :class:`xvlm.contracts.OriginalImages`; crops anywhere in the image at full resolution, as the reference cuts
     them), else from the batch's resized, centre-cropped ``image`` (said once in the log, naming the datamodule).
-    LaZSL and DCLIP scores come from the same views. At the end of the epoch the accumulated metrics are logged:
+    Every scorer in ``scorers`` (:data:`SCORERS`: ``lazsl``, ``dclip``, ``wca``, ``awt``) scores the same views
+    against the same descriptor features; at the end of the epoch each one's accumulated metrics are logged, side
+    by side, under ``lazsl/`` with the scorer's prefix (none for ``lazsl``, ``dclip_``, ``wca_``, ``awt_``):
 
-    - ``split='unseen'``: images of unseen classes, argmax over unseen classes: ``lazsl/unseen_top1`` and
-      ``lazsl/dclip_unseen_top1`` (per-class mean top-1, :class:`~xvlm.metrics.GZSLMetrics` ``zsl``), and
-      ``lazsl/unseen_top1_micro`` and ``lazsl/dclip_unseen_top1_micro`` (micro top-1: the share of those images
+    - ``split='unseen'``: images of unseen classes, argmax over unseen classes: ``lazsl/unseen_top1``,
+      ``lazsl/dclip_unseen_top1``, ... (per-class mean top-1, :class:`~xvlm.metrics.GZSLMetrics` ``zsl``), and
+      ``lazsl/unseen_top1_micro``, ``lazsl/dclip_unseen_top1_micro``, ... (micro top-1: the share of those images
       predicted right, the paper's number);
     - ``split='all'`` (GZSL): every image, every class: additionally ``lazsl/S``, ``lazsl/U``, ``lazsl/H`` and
-      the ``lazsl/dclip_*`` counterparts (the ``unseen_top1*`` keys still take the argmax over unseen classes);
-    - with ``competitors``, the same keys for each of them: ``lazsl/wca_unseen_top1``, ``lazsl/awt_unseen_top1``,
-      ... (WCA and AWT, :data:`COMPETITORS`), scored on the same views and descriptor features, with class-name
-      prompts :data:`NAME_TEMPLATE` encoded once per evaluation. Both use every crop (they weight the crops
-      themselves; vision selection is LaZSL's).
+      each scorer's counterparts (the ``unseen_top1*`` keys still take the argmax over unseen classes).
+
+    LaZSL's transport runs whatever is logged (DCLIP's scores come with it); WCA and AWT (:data:`COMPETITORS`)
+    run only when listed, with the class-name prompts :data:`NAME_TEMPLATE` encoded once per evaluation, and use
+    every crop (they weight the crops themselves; vision selection is LaZSL's).
 
     Metrics are torchmetrics states, so each DDP rank scores its shard and ``compute()`` gathers them. The
     descriptor text features are encoded once per evaluation; every view is encoded in eval mode under
@@ -665,7 +687,7 @@ class LaZSL(Callback):
         max_views: views per image-encoder forward pass (bounds memory).
         tol: Sinkhorn tolerance on the relative row-marginal error.
         stop_rule: ``relative`` (``tol``) or ``reference`` (the reference code's rule, :class:`LaZSLSettings`).
-        competitors: other scorers to log side by side (``wca``, ``awt``; YAML ``competitors: [wca, awt]``).
+        scorers: the scorers to log, side by side (:data:`SCORERS`; YAML ``scorers: [lazsl, dclip, wca, awt]``).
     """
 
     def __init__(
@@ -686,15 +708,16 @@ class LaZSL(Callback):
         max_views: int = LaZSLSettings.max_views,
         tol: float = LaZSLSettings.tol,
         stop_rule: StopRule = LaZSLSettings.stop_rule,
-        competitors: Sequence[Competitor] = (),
+        scorers: Sequence[Scorer] = ("lazsl", "dclip"),
     ) -> None:
         if split not in ("unseen", "all"):
             raise ValueError(f"LaZSL split={split!r}: choose 'unseen' or 'all'")
-        unknown = [name for name in competitors if name not in COMPETITORS]
-        if unknown:
-            raise ValueError(f"LaZSL competitors={list(competitors)!r}: unknown {unknown}; choose from "
-                             f"{list(COMPETITORS)}")
-        self.competitors = tuple(dict.fromkeys(competitors))
+        unknown = [name for name in scorers if name not in SCORERS]
+        if unknown or not scorers:
+            raise ValueError(f"LaZSL scorers={list(scorers)!r}: {f'unknown {unknown}' if unknown else 'empty'}; "
+                             f"choose from {list(SCORERS)}")
+        self.scorers = tuple(dict.fromkeys(scorers))
+        self.competitors = tuple(name for name in self.scorers if name in COMPETITORS)
         if every_n_epochs < 1:
             raise ValueError(f"LaZSL every_n_epochs={every_n_epochs!r} (must be >= 1)")
         self.settings = LaZSLSettings(n_crops=n_crops, alpha=alpha, beta=beta, theta=theta, eps=eps,
@@ -740,9 +763,8 @@ class LaZSL(Callback):
         self._sentences = descriptor_sentences(names, descriptors, self.settings.suffix)
         self._names = names
         self._classes = torch.as_tensor(classes, dtype=torch.long)
-        prefixes = ("", "dclip_", *(f"{name}_" for name in self.competitors))
-        self._metrics = {prefix: GZSLMetrics(task.num_classes, task.seen, task.unseen, micro=True)
-                         for prefix in prefixes}
+        self._metrics = {_prefix(name): GZSLMetrics(task.num_classes, task.seen, task.unseen, micro=True)
+                         for name in self.scorers}
 
     def _runs(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
@@ -782,7 +804,7 @@ class LaZSL(Callback):
         encoder = pl_module.zero_shot_encoder()
         with evaluating(encoder):
             out = self.score(encoder, images, indices)
-        for prefix, scores in (("", out.scores), ("dclip_", out.dclip_scores), *self.competitor_scores(out)):
+        for prefix, scores in self.scorer_scores(out):
             logits = scores.new_full((len(labels), self._metrics[prefix].num_classes), -math.inf)
             logits[:, self._classes] = scores
             self._metrics[prefix].update(logits, labels)
@@ -799,14 +821,18 @@ class LaZSL(Callback):
         return score_images(encoder, images, indices, self._text, self._sentences[1], self.settings,
                             originals=self.originals(indices))
 
-    def competitor_scores(self, out: LaZSLOutput) -> list[tuple[str, torch.Tensor]]:
-        """``(metric prefix, scores [B, C])`` of each competitor on the views and descriptors ``out`` was scored
+    def scorer_scores(self, out: LaZSLOutput) -> list[tuple[str, torch.Tensor]]:
+        """``(metric prefix, scores [B, C])`` of each of ``scorers`` on the views and descriptors ``out`` was scored
         with (its ``view_feats``)."""
-        if not self.competitors:
-            return []
-        crops, glob = out.view_feats[:, 1:], out.view_feats[:, 0]
-        return [(f"{name}_", COMPETITORS[name](crops, glob, self._text, self._sentences[1], self._name_feats))
-                for name in self.competitors]
+        return [(_prefix(name), self._scores_of(name, out)) for name in self.scorers]
+
+    def _scores_of(self, scorer: Scorer, out: LaZSLOutput) -> torch.Tensor:
+        if scorer == "lazsl":
+            return out.scores
+        if scorer == "dclip":
+            return out.dclip_scores
+        feats = out.view_feats
+        return COMPETITORS[scorer](feats[:, 1:], feats[:, 0], self._text, self._sentences[1], self._name_feats)
 
     def originals(self, indices: torch.Tensor) -> list[torch.Tensor] | None:
         """The original images ``[3, H_i, W_i]`` uint8 of validation samples ``indices [B]``, or None (said once in
@@ -833,6 +859,11 @@ class LaZSL(Callback):
             values = metric.compute()
             metric.reset()
             pl_module.log_dict({f"lazsl/{prefix}{name}": values[key] for key, name in renamed.items() if key in values})
+
+
+def _prefix(scorer: Scorer) -> str:
+    """The metric-key prefix of ``scorer`` under ``lazsl/``: none for LaZSL itself, ``"{scorer}_"`` otherwise."""
+    return "" if scorer == "lazsl" else f"{scorer}_"
 
 
 def lazsl_settings_of(callbacks: Iterable[object]) -> LaZSLSettings | None:

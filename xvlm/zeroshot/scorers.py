@@ -10,12 +10,12 @@ descriptors is ``lazsl_scores(...).dclip_scores`` and is not repeated here.
 
 **WCA** (Li, Li, Erfani, Feng, Bailey, Liu, "Visual-Text Cross Alignment: Refining the Similarity Score in
 Vision-Language Models", ICML 2024): crops weighted by their cosine to the global view, descriptions by their cosine
-to the class-name prompt, score = weighted sum of all crop–description cosines::
+to the class-name prompt, score = the cosine between the weighted crop and the weighted description features::
 
     w_n = softmax_n(<p_n, p_g> / τ_v),   v_kj = softmax_{j: m_kj}(<q_kj, n_k> / τ_t),
-    ψ_k = Σ_n Σ_j w_n v_kj <p_n, q_kj> = <Σ_n w_n p_n, Σ_j v_kj q_kj>.
+    ψ_k = cos(Σ_n w_n p_n, Σ_j v_kj q_kj) = Σ_n Σ_j w_n v_kj <p_n, q_kj> / (‖Σ_n w_n p_n‖ ‖Σ_j v_kj q_kj‖).
 
-The right-hand form (bilinearity) is what runs: one ``[B, D] × [D, C]`` product, no ``B × C × N × M`` tensor.
+The left-hand form is what runs: one ``[B, D] × [D, C]`` product, no ``B × C × N × M`` tensor.
 
 **AWT** (Zhu, Ji, Zhao, Wu, Wang, "AWT: Transferring Vision-Language Models via Augmentation, Weighting, and
 Transportation", NeurIPS 2024), zero-shot form. Image views are ``x_0 = p_g`` and the crops, ``V = 1 + N``; text
@@ -34,17 +34,18 @@ with ``H`` the Shannon entropy (nats). ``H(π^{kj})`` is computed in closed form
 as one :func:`xvlm.ot.sinkhorn` over ``B × C`` problems, chunked over classes so that at most ``_PLAN_ELEMENTS``
 plan entries exist at once. ``Σ T = 1``, so ``ψ`` is a weighted mean of cosines, on the scale of DCLIP's.
 
-Our readings of details the papers leave open (WCA's unconfirmed against its code; AWT's from its official
+Our readings of details the papers leave open (WCA's checked against its authors' code, AWT's against its official
 zero-shot evaluation):
 
-1. WCA weights: a plain softmax of the cosines, ``τ_v = τ_t = 1`` by default (the paper's weights as we read
-   them; both are arguments). At ``τ = 1`` the weights are mild (cosines lie within ~0.4 of each other); a small
-   ``τ`` (e.g. 0.01, CLIP's logit scale) concentrates them on the crops most like the global view and the
-   descriptions most like the name.
+1. WCA's weights and score as its authors' code computes them (the ``wca`` method of their follow-up, BiFTA,
+   github.com/tmlr-group/BiFTA, ``wca.py`` / ``helper.py``; the WCA repository itself was not available to us):
+   temperatures given as log-scales, ``τ_v = e^{−4}`` (``image_scale: 4.0``) and ``τ_t = e^{−2}``
+   (``text_scale: 2.0``) on every dataset, and both weighted sums renormalised before their product, so the score
+   is a cosine (the class side's renormalisation changes the ranking; the image side's only the scale).
 2. WCA's score sums over the crops only; the global view enters only through the crop weights (no ``(1 − θ)``
    global term as in LaZSL). A caller wanting the global view as a view concatenates it to the crops.
-3. WCA's view settings (crop scale ``α ≈ 0.4…0.9``, ``N = 60`` on ImageNet) belong to the caller (the view
-   sampler of the LaZSL callback), not to the scorer.
+3. WCA's view settings (``N = 60`` random square crops per image, sides a uniform fraction of the short side)
+   belong to the caller (the view sampler of the LaZSL callback), not to the scorer.
 4. AWT's views include the global view ``x_0 = p_g`` (AWT keeps the original image among its augmented views) and
    its text views include the class-name prompt ``t_k0 = n_k`` (the analogue for text), so a class with no real
    descriptor is still scored (by its name); WCA needs at least one descriptor per class.
@@ -65,12 +66,19 @@ zero-shot evaluation):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from xvlm.ot import float32_region, sinkhorn
 
-__all__ = ["awt_scores", "awt_weights", "wca_scores", "wca_weights"]
+__all__ = ["WCA_CROP_TEMPERATURE", "WCA_TEXT_TEMPERATURE", "awt_scores", "awt_weights", "wca_scores", "wca_weights"]
+
+WCA_CROP_TEMPERATURE = math.exp(-4.0)
+"""WCA's ``τ_v``: its authors' code multiplies the crop–global cosines by ``exp(4.0)`` before the softmax."""
+WCA_TEXT_TEMPERATURE = math.exp(-2.0)
+"""WCA's ``τ_t``: its authors' code multiplies the description–name cosines by ``exp(2.0)`` before the softmax."""
 
 _PLAN_ELEMENTS = 2**24
 """Most ``B × C × V × J`` plan entries one Sinkhorn call handles in :func:`awt_scores`; more classes are chunked."""
@@ -153,8 +161,8 @@ def wca_weights(
     desc_mask: torch.Tensor,
     name_feats: torch.Tensor,
     *,
-    crop_temperature: float = 1.0,
-    text_temperature: float = 1.0,
+    crop_temperature: float = WCA_CROP_TEMPERATURE,
+    text_temperature: float = WCA_TEXT_TEMPERATURE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WCA's crop weights ``w_n = softmax_n(<p_n, p_g> / τ_v)`` and description weights
     ``v_kj = softmax_{j: m_kj}(<q_kj, n_k> / τ_t)`` (module docstring; arguments as :func:`wca_scores`).
@@ -192,10 +200,10 @@ def wca_scores(
     desc_mask: torch.Tensor,
     name_feats: torch.Tensor,
     *,
-    crop_temperature: float = 1.0,
-    text_temperature: float = 1.0,
+    crop_temperature: float = WCA_CROP_TEMPERATURE,
+    text_temperature: float = WCA_TEXT_TEMPERATURE,
 ) -> torch.Tensor:
-    """WCA scores ``ψ_bk = Σ_n Σ_j w_bn v_kj <p_bn, q_kj> = <Σ_n w_bn p_bn, Σ_j v_kj q_kj>``.
+    """WCA scores ``ψ_bk = cos(Σ_n w_bn p_bn, Σ_j v_kj q_kj)``.
 
     ``w_bn = softmax_n(<p_bn, p_bg> / τ_v)`` weighs the crops by their cosine to the global view and
     ``v_kj = softmax_{j: m_kj}(<q_kj, n_k> / τ_t)`` the descriptions by their cosine to the class-name prompt
@@ -207,8 +215,8 @@ def wca_scores(
         desc_feats: ``[C, M, D]`` descriptor features ``Q`` (normalised here; padded rows are ignored).
         desc_mask: ``[C, M]`` bool, real descriptors; every class needs at least one.
         name_feats: ``[C, D]`` class-name prompt features ``n`` ("a photo of a {class}."; normalised here).
-        crop_temperature: ``τ_v > 0`` of the crop weights (1: the paper's plain softmax of cosines, our reading).
-        text_temperature: ``τ_t > 0`` of the description weights (1, likewise).
+        crop_temperature: ``τ_v > 0`` of the crop weights (default ``e^{−4}``, the authors' code).
+        text_temperature: ``τ_t > 0`` of the description weights (default ``e^{−2}``, the authors' code).
 
     Returns:
         ``[B, C]`` scores, float32 (float64 for float64 features).
@@ -228,7 +236,7 @@ def wca_scores(
         pooled = torch.einsum("bn,bnd->bd", crop_weights, crops)
         # masked_fill, not a product: a padded row holding inf/NaN must not leak through a zero weight
         prototypes = torch.einsum("cm,cmd->cd", desc_weights, desc.masked_fill(~mask[..., None], 0))
-        return pooled @ prototypes.T
+        return F.normalize(pooled, dim=-1) @ F.normalize(prototypes, dim=-1).T
 
 
 # --------------------------------------------------------------------------------------------- AWT
