@@ -21,6 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from datamodules.loading import ImageFiles, LabelledImages, Split, ZooDataModule, hold_out_classes
 from datamodules.task import Task
@@ -142,6 +143,14 @@ class ImageFolderDataModule(ZooDataModule):
     and ``seen``. ``original_image(split, index)`` is the sample's file decoded at its own size, ``[3, H, W]`` uint8
     (LaZSL cuts its crops from it, :meth:`~datamodules.loading.ZooDataModule.original_image`).
 
+    An image file that cannot be read (deleted after the scan, empty, truncated, not an image) stops the run with a
+    ``BadImageError`` naming it (``on_bad_image: error``), or with ``on_bad_image: skip`` is left out of its batch
+    with a warning naming it, and every batch carries ``skipped_images``, the int64 count of samples it left out
+    (``xvlm.callbacks.SkippedImages`` logs the sums per epoch). A batch none of whose files can be read holds
+    instead the first readable sample after it in the split (see
+    :meth:`~datamodules.loading.LabelledImages.collate_readable`): never a made-up sample, but one the epoch sees
+    twice.
+
     Args:
         root: folder holding one sub-folder per split.
         image_size: side ``S`` of the square images (random resized crop in training, shorter side resized and
@@ -155,15 +164,20 @@ class ImageFolderDataModule(ZooDataModule):
         descriptors: JSON file ``{readable name: [phrases]}``.
         unseen_classes: classes held out of training: a list of names or the path of a text or ``.json`` file.
         augment: apply the random training augmentation.
+        on_bad_image: ``error`` (stop at an unreadable image file, naming it) or ``skip`` (drop its sample from the
+            batch and count it in ``batch["skipped_images"]``).
     """
 
     def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, num_workers: int = 4,
                  train_split: str = "train", val_split: str = "val", test_split: str | None = None,
                  class_names: str | None = None, descriptors: str | None = None,
-                 unseen_classes: str | list[str] | None = None, augment: bool = True) -> None:
+                 unseen_classes: str | list[str] | None = None, augment: bool = True,
+                 on_bad_image: Literal["error", "skip"] = "error") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.source = f"ImageFolderDataModule(root={str(root)!r})"
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"{self.source}: on_bad_image={on_bad_image!r}; choose 'error' or 'skip'")
         self.folders = _class_folders(self._split_dir("train"))
         if not self.folders:
             raise ValueError(f"{self.source}: no class folders in {self._split_dir('train')}; "
@@ -206,4 +220,5 @@ class ImageFolderDataModule(ZooDataModule):
         random = split == "train" and self.hparams.augment
         size = self.hparams.image_size
         transform = natural_train_transform(size) if random else natural_eval_transform(size)
-        return LabelledImages(ImageFiles(paths), labels, self.task.seen, transform, random_transform=random)
+        return LabelledImages(ImageFiles(paths), labels, self.task.seen, transform, random_transform=random,
+                              skip_unreadable=self.hparams.on_bad_image == "skip")

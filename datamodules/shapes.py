@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.loading import Split, ZooDataModule
+from datamodules.sampling import SampleKey, split_key
 from datamodules.task import Task
 from datamodules.transforms import A, apply_transform, eval_transform, train_transform
 
@@ -406,8 +407,9 @@ class ShapesDataset(Dataset):
     Items: ``image`` ``[3, S, S]`` float (CLIP-normalised), ``mask`` ``[S, S]`` bool, ``label``/``index`` long,
     ``seen`` bool, plus the task fields of :meth:`World.task_fields`.
 
-    A random ``transform`` is reseeded per item from torch's generator (see
-    :func:`~datamodules.transforms.apply_transform`), so augmentation repeats across runs and resumption.
+    Keys are indices or the ``(index, seed)`` pairs of the training sampler (``datamodules.sampling``); a random
+    ``transform`` is reseeded per item by that seed (:func:`~datamodules.transforms.apply_transform`), so
+    augmentation repeats across runs, workers and resumption.
     """
 
     def __init__(self, world: World, split: Split, length: int, transform: A.Compose, random_transform: bool) -> None:
@@ -417,9 +419,10 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
+        index, seed = split_key(key)
         raw = self.world.sample(self.split, index)
-        out = apply_transform(self.transform, self.random_transform, image=raw["image"],
+        out = apply_transform(self.transform, self.random_transform, seed, image=raw["image"],
                               mask=raw["mask"].astype(np.uint8))
         return dict(image=out["image"], mask=out["mask"].bool(), label=torch.tensor(raw["label"]),
                     index=torch.tensor(index), seen=torch.tensor(raw["seen"]), **self.world.task_fields(raw))

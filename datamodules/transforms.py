@@ -102,21 +102,23 @@ def cifar_train_transform(image_size: int) -> A.Compose:
     )
 
 
-def apply_transform(transform: A.Compose, random: bool, **targets: np.ndarray) -> dict:
-    """Run ``transform`` on one item; a ``random`` pipeline is first reseeded from torch's generator.
+def apply_transform(transform: A.Compose, random: bool, seed: int | None = None, **targets: np.ndarray) -> dict:
+    """Run ``transform`` on one item; a ``random`` pipeline is first reseeded.
 
-    Torch's generator is the global one in the main process and the worker's own in a loader worker. Lightning's
-    ``seed_everything`` seeds both and xvlm checkpoints restore the global one, so augmentation repeats exactly
-    across runs, worker counts and resumption.
+    The seed is the sample's own (``seed``: ``datamodules.sampling.sample_seed(seed, epoch, index)`` from the
+    training sampler), so an augmentation depends on nothing but the sample and the epoch: not on the worker, the
+    process, the batch or a restart. Without one (a loader of the caller's own), it is drawn from torch's generator
+    (the global one, or the worker's own in a loader worker).
 
     Args:
         transform: the pipeline.
         random: whether the pipeline draws random numbers.
+        seed: the sample's augmentation seed, or None.
         targets: ``image=`` ``[H, W, 3]`` uint8 RGB and optional ``mask=`` ``[H, W]``.
 
     Returns:
         The pipeline's output: ``image`` ``[3, S, S]`` float and, when given, ``mask`` ``[S, S]``.
     """
     if random:
-        transform.set_random_seed(int(torch.randint(2**31 - 1, ())))
+        transform.set_random_seed(int(torch.randint(2**31 - 1, ())) if seed is None else seed)
     return transform(**targets)

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 
-def xvlm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``xvlm *args`` in ``cwd`` with this test folder importable (for test-only callbacks)."""
+def xvlm(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``xvlm *args`` in ``cwd`` with this test folder importable (for test-only callbacks); ``env`` adds to (or
+    replaces in) the environment."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": str(Path(__file__).parent)}
+           "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
     command = [str(Path(sys.executable).parent / "xvlm"), *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 

@@ -1,4 +1,8 @@
+import errno
+import os
 import random
+import re
+import stat
 
 import numpy as np
 import pytest
@@ -6,10 +10,13 @@ import torch
 from torch import nn
 
 from xvlm.checkpointing import (
+    AtomicCheckpointIO,
     capture_rng_state,
     check_checkpoint_class,
     class_path,
+    load_checkpoint_file,
     load_weights,
+    newest_loadable_checkpoint,
     restore_rng_state,
 )
 
@@ -70,3 +77,69 @@ def test_load_weights_rejects_files_that_do_not_fit(tmp_path):
         load_weights(_Net(), tmp_path / "shape.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_weights(_Net(), tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------------------------- atomic writes
+def _checkpoint(value: float) -> dict:
+    return {"state_dict": {"w": torch.full((4,), value)}, "epoch": 0}
+
+
+def test_atomic_save_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "run" / "last.ckpt"
+    io.save_checkpoint(_checkpoint(1.0), target)
+    io.save_checkpoint(_checkpoint(2.0), target)
+    assert torch.equal(load_checkpoint_file(target)["state_dict"]["w"], torch.full((4,), 2.0))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # readable by the team, as any new file
+
+
+class _FullDisk(AtomicCheckpointIO):
+    """Writes half the checkpoint, then fails as a full disk does."""
+
+    def write(self, checkpoint, file):
+        file.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(_checkpoint(1.0), target)
+    before = target.read_bytes()
+    with pytest.raises(OSError, match=r"could not write checkpoint .*last\.ckpt: the disk is full; the previous file"):
+        _FullDisk().save_checkpoint(_checkpoint(2.0), target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+# --------------------------------------------------------------------------------------------- --ckpt_path last
+def test_newest_loadable_checkpoint_skips_truncated_and_foreign_files_without_deleting_them(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({**_checkpoint(1.0), "xvlm_class_path": "xvlm.methods.clip.CLIPFineTune"}, tmp_path / "a.ckpt")
+    io.save_checkpoint({**_checkpoint(2.0), "xvlm_class_path": "xvlm.methods.lico.LICO"}, tmp_path / "b.ckpt")
+    io.save_checkpoint({**_checkpoint(3.0), "xvlm_class_path": "xvlm.methods.clip.CLIPFineTune"}, tmp_path / "c.ckpt")
+    good = (tmp_path / "c.ckpt").read_bytes()
+    (tmp_path / "last.ckpt").write_bytes(good[: len(good) // 2])  # killed mid-write by a non-atomic writer
+    for age, name in enumerate(["last.ckpt", "c.ckpt", "b.ckpt", "a.ckpt"]):
+        os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
+    reports = []
+    assert newest_loadable_checkpoint(tmp_path, "xvlm.methods.clip.CLIPFineTune", reports.append) == tmp_path / "c.ckpt"
+    assert len(reports) == 1 and re.search(r"skipping .*last\.ckpt: checkpoint .* cannot be loaded", reports[0])
+    os.utime(tmp_path / "b.ckpt", (2e9, 2e9))  # newest, but written by LICO
+    with pytest.warns(UserWarning, match=r"skipping .*b\.ckpt: .*written by xvlm\.methods\.lico\.LICO"):
+        assert newest_loadable_checkpoint(tmp_path, "xvlm.methods.clip.CLIPFineTune") == tmp_path / "c.ckpt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "b.ckpt", "c.ckpt", "last.ckpt"]
+    assert newest_loadable_checkpoint(tmp_path / "missing") is None
+
+
+def test_a_truncated_checkpoint_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "cut.ckpt"
+    AtomicCheckpointIO().save_checkpoint(_checkpoint(1.0), path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"checkpoint .*cut\.ckpt cannot be loaded .* truncated"):
+        load_checkpoint_file(path)
+    (tmp_path / "plain.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"plain\.pt cannot be loaded"):
+        load_checkpoint_file(tmp_path / "plain.pt")

@@ -182,8 +182,9 @@ def test_train_augmentation_follows_torch_seed(tmp_path):
 
 def test_train_loader_shuffles_and_eval_loaders_keep_order(tmp_path):
     dm = _module(write_image_tree(tmp_path), batch_size=2)
-    assert isinstance(dm.train_dataloader().sampler, torch.utils.data.RandomSampler)
-    assert isinstance(dm.val_dataloader().sampler, torch.utils.data.SequentialSampler)
+    train, val = dm.train_dataloader().sampler, dm.val_dataloader().sampler
+    assert train.shuffle and train.keyed and sorted(index for index, _ in train) == list(range(len(train.dataset)))
+    assert not val.shuffle and list(val) == list(range(len(val.dataset)))
     assert dm.val_dataloader().batch_size == 2
 
 

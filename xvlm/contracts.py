@@ -4,7 +4,8 @@
 (``pyproject.toml`` declares the rule; ``lint-imports`` checks it). Every
 :class:`~xvlm.methods.base.XVLMModule` satisfies it; so does any ``LightningModule`` that provides these members,
 which is what lets a method from outside the package use the LaZSL callback, the gallery and the saliency metrics.
-:class:`OriginalImages` is the one member of a datamodule that LaZSL and its explanations use beyond ``task``.
+:class:`OriginalImages` and :class:`WholeSplits` are the members of a datamodule that LaZSL, the explanation
+callbacks and ``xvlm explain`` use beyond ``task`` and the ``<split>_dataloader`` methods.
 """
 
 from __future__ import annotations
@@ -66,4 +67,18 @@ class OriginalImages(Protocol):
     def original_image(self, split: str, index: int) -> torch.Tensor | None:
         """Sample ``index`` (the batch's ``index``) of ``split`` as decoded, ``[3, H, W]`` uint8 RGB at its own size,
         before any transform; None when the split has no originals (arrays already at model size)."""
+        ...
+
+
+@runtime_checkable
+class WholeSplits(Protocol):
+    """A datamodule whose loaders can serve a whole split on any rank (``datamodules.loading.ZooDataModule`` does).
+
+    Its ``<split>_dataloader()`` methods serve this rank's share under DDP; the saliency evaluation and the
+    explanation gallery read the same first samples on every rank, so their numbers and pictures do not depend on
+    the number of processes (:func:`xvlm.explain.gallery.split_loader`).
+    """
+
+    def loader(self, split: str, sharded: bool = True) -> Any:
+        """The loader of ``split``: this rank's share (``sharded``) or the whole split in order."""
         ...

@@ -176,7 +176,8 @@ class XVLMModule(L.LightningModule):
 
         Sets the GZSL metrics of the task's seen/unseen split (unseen classes only when :attr:`classifies_unseen`)
         and the buffers ``seen_classes [C_seen]`` and ``seen_position [C]`` (a class's index among the seen ones,
-        or −1), calls :meth:`build_task_parts`, and loads ``init_weights`` the first time. ``setup`` calls it with
+        or −1), calls :meth:`build_task_parts` (its random initialisation seeded by ``torch.initial_seed()``, the
+        run's seed, whatever drew from the generator before), and loads ``init_weights`` the first time. ``setup`` calls it with
         the datamodule's task; call it directly to use a module without a ``Trainer`` (``xvlm explain``), so that
         the task-dependent parts exist before a checkpoint's weights are loaded either way.
         """
@@ -190,7 +191,11 @@ class XVLMModule(L.LightningModule):
         position[seen] = torch.arange(len(seen), device=device)
         self.register_buffer("seen_classes", seen, persistent=False)
         self.register_buffer("seen_position", position, persistent=False)
-        self.build_task_parts(task)
+        # seeded by the run's seed alone: Lightning's set-up (DDP's process group, the sampler) draws from torch's
+        # generator before this point, so a head built from its current state would differ with the process count
+        with torch.random.fork_rng(devices=[]):  # the CPU generator (parameters are built on the CPU), restored after
+            torch.default_generator.manual_seed(torch.initial_seed())
+            self.build_task_parts(task)
         if self.hparams.init_weights is not None and not self._init_weights_loaded:
             load_weights(self, self.hparams.init_weights)
             self._init_weights_loaded = True
@@ -291,6 +296,10 @@ class XVLMModule(L.LightningModule):
         else:
             optimizer = torch.optim.AdamW(groups, lr=hp.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        # Lightning 2.6 builds and starts iterating the train loader for this estimate, before a checkpoint's loop
+        # state is restored, and then never loads the loader's saved position: drop that loader so the fit loop
+        # builds it again after the restore (mid-epoch resume, datamodules.sampling).
+        self.trainer.fit_loop._combined_loader = None
         warmup = min(self.hparams.warmup_steps, total // 2)
 
         def schedule(step: int) -> float:

@@ -232,6 +232,7 @@ class LICO(XVLMModule):
             raise ValueError(f"LICO(image_encoder={self.hparams.image_encoder!r}) needs input_size (the image side it "
                              "is trained at), which fixes the feature-map size d' = h*w")
         self.backbone.set_freeze("all" if self.hparams.freeze in ("image", "all") else "text")
+        self.backbone.logit_scale.requires_grad_(False)  # LICO's losses never read it: trainable, DDP would refuse it
         side = self.input_side
         with evaluating(self.backbone):  # eval mode: the probe must not move batch-norm statistics of loaded weights
             channels, height, width = self.feature_maps(torch.zeros(1, 3, side, side)).shape[1:]
