@@ -4,5 +4,6 @@ from datamodules.cifar import CIFARDataModule
 from datamodules.folder import ImageFolderDataModule
 from datamodules.shapes import ShapesDataModule
 from datamodules.task import Task
+from datamodules.xlsa import XianDataModule
 
-__all__ = ["CIFARDataModule", "ImageFolderDataModule", "ShapesDataModule", "Task"]
+__all__ = ["CIFARDataModule", "ImageFolderDataModule", "ShapesDataModule", "Task", "XianDataModule"]

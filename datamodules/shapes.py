@@ -19,7 +19,8 @@ The :class:`ShapesDataModule` serves three label spaces over the same world (``t
   plus the sample's colour and pattern facts). Colour and pattern are random per sample.
 - ``attributes``: 256 classes named ``"<colour> <pattern> <shape>"`` (``"red solid star"``: the word "solid" is
   kept so every name has the three parts); ``unseen_fraction`` of them are held out of training, never all
-  classes with one colour, pattern or shape. Batches carry ``attributes`` ``[B, A]``.
+  classes with one colour, pattern or shape. Batches carry ``attributes`` ``[B, A]``;
+  ``task.extras["attribute_groups"]`` groups its columns (colours, patterns, shapes, geometry facts).
 - ``compositions``: CZSL with state = colour and object = shape (64 pairs named ``"red star"``); the pattern is a
   random nuisance. Unseen pairs are split in halves between validation and test (disjoint), both of which also
   carry every training pair. Batches carry ``state`` and ``object`` ``[B]``.
@@ -358,9 +359,13 @@ def _attributes(source: str, fraction: float, rng: np.random.Generator) -> tuple
     geometry = [[fact in SHAPE_FACTS[SHAPES[s]] for fact in GEOMETRY] for s in factors[:, 0]]
     one_hot = [np.eye(n)[factors[:, k]] for k, n in ((1, len(COLOURS)), (2, len(PATTERNS)), (0, len(SHAPES)))]
     attributes = torch.tensor(np.concatenate([*one_hot, np.array(geometry)], axis=1), dtype=torch.float32)
+    sizes = (len(COLOURS), len(PATTERNS), len(SHAPES), len(GEOMETRY))
+    starts = np.cumsum((0, *sizes))
+    groups = tuple(tuple(range(start, start + size)) for start, size in zip(starts, sizes))
     task = Task(source=source, class_names=names, seen=tuple(seen), unseen=tuple(sorted(unseen)),
                 descriptors={name: _class_facts(*row) for name, row in zip(names, factors.tolist())},
-                attributes=attributes, attribute_names=(*COLOURS, *PATTERNS, *SHAPES, *GEOMETRY))
+                attributes=attributes, attribute_names=(*COLOURS, *PATTERNS, *SHAPES, *GEOMETRY),
+                extras={"attribute_groups": groups})
     return task, factors
 
 

@@ -6,7 +6,9 @@ CLIP-normalised float tensor ``[3, H, W]`` and a ``[H, W]`` mask tensor that fol
 
 Three families: Shapes (``train_transform`` / ``eval_transform``), natural photos of any size
 (``natural_train_transform`` / ``natural_eval_transform``) and CIFAR's 32-pixel images (``cifar_train_transform``,
-evaluated with ``eval_transform``). :func:`apply_transform` is the one place that seeds a random pipeline.
+evaluated with ``eval_transform``). The attribute zero-shot datasets (``datamodules.xlsa``) follow the SVIP recipe:
+one training pipeline per dataset (``cub_train_transform``, ``awa2_train_transform``, ``sun_train_transform``) and
+``resize_crop_eval_transform`` for evaluation. :func:`apply_transform` is the one place that seeds a random pipeline.
 """
 
 from __future__ import annotations
@@ -97,6 +99,60 @@ def cifar_train_transform(image_size: int) -> A.Compose:
             A.RandomCrop(CIFAR_SIZE, CIFAR_SIZE),
             A.HorizontalFlip(p=0.5),
             *resize,
+            *_to_clip_tensor(),
+        ]
+    )
+
+
+EVAL_RESIZE_RATIO = 256 / 224
+"""Shorter side before the centre crop, per pixel of the crop (ImageNet's 256 for 224)."""
+
+
+def _resize_and_centre_crop(image_size: int) -> list[A.BasicTransform]:
+    """Resize the shorter side to ``image_size * 256 / 224`` (rounded), then crop the centre ``image_size`` square."""
+    return [A.SmallestMaxSize(max_size=round(image_size * EVAL_RESIZE_RATIO)), A.CenterCrop(image_size, image_size)]
+
+
+def resize_crop_eval_transform(image_size: int) -> A.Compose:
+    """Resize the shorter side to ``image_size * 256 / 224``, then crop the centre ``image_size`` square;
+    deterministic. The evaluation pipeline of the SVIP recipe on CUB, AwA2 and SUN.
+
+    Args:
+        image_size: output side in pixels.
+    """
+    return A.Compose([*_resize_and_centre_crop(image_size), *_to_clip_tensor()])
+
+
+def cub_train_transform(image_size: int) -> A.Compose:
+    """SVIP's CUB training pipeline: resize the shorter side to ``image_size * 256 / 224``, crop the centre
+    ``image_size`` square, horizontal flip.
+
+    Args:
+        image_size: output side in pixels.
+    """
+    return A.Compose([*_resize_and_centre_crop(image_size), A.HorizontalFlip(p=0.5), *_to_clip_tensor()])
+
+
+def awa2_train_transform(image_size: int) -> A.Compose:
+    """SVIP's AwA2 training pipeline: resize to ``image_size`` square (the aspect ratio is not kept); deterministic.
+
+    Args:
+        image_size: output side in pixels.
+    """
+    return A.Compose([A.Resize(image_size, image_size), *_to_clip_tensor()])
+
+
+def sun_train_transform(image_size: int) -> A.Compose:
+    """SVIP's SUN training pipeline: random resized crop (8-100 % of the area, aspect 3/4-4/3) to ``image_size``
+    square, horizontal flip.
+
+    Args:
+        image_size: output side in pixels.
+    """
+    return A.Compose(
+        [
+            A.RandomResizedCrop(size=(image_size, image_size), scale=(0.08, 1.0)),
+            A.HorizontalFlip(p=0.5),
             *_to_clip_tensor(),
         ]
     )

@@ -47,6 +47,13 @@ def test_intermediate_tokens_have_documented_shapes(tiny_vit):
     # The pooled feature is the projected class token of the last block.
     torch.testing.assert_close(tiny_vit.project_tokens(out.cls[1], normalize=False), pooled, atol=1e-5, rtol=1e-5)
     assert tiny_vit.project_tokens(out.patches[1]).shape == (2, 64, tiny_vit.embed_dim)
+    # norm_tokens is the LayerNorm before the projection: a zero-mean, unit-variance row, gain and bias applied
+    visual = tiny_vit.clip.visual
+    x = out.patches[1]
+    standard = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + visual.ln_post.eps).sqrt()
+    normed = tiny_vit.norm_tokens(x)
+    torch.testing.assert_close(normed, standard * visual.ln_post.weight + visual.ln_post.bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normed @ visual.proj, tiny_vit.project_tokens(x, normalize=False))
 
 
 def test_conv_stem_keeps_the_patch_grid():

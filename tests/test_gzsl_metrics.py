@@ -1,8 +1,9 @@
 import math
 
+import pytest
 import torch
 
-from xvlm.metrics import GZSLMetrics, gzsl_report, harmonic_mean
+from xvlm.metrics import GZSLMetrics, choose_calibration, gzsl_report, harmonic_mean
 
 
 def _reference(logits, target, seen, unseen):
@@ -50,3 +51,87 @@ def test_classes_without_samples_are_left_out_not_counted_as_zero():
 def test_harmonic_mean_is_zero_when_both_are_zero():
     assert float(harmonic_mean(torch.tensor(0.0), torch.tensor(0.0))) == 0.0
     assert math.isclose(float(harmonic_mean(torch.tensor(0.5), torch.tensor(1.0))), 2 / 3, rel_tol=1e-6)
+
+
+def _scored(seed=0, n=240, num_classes=8, seen_bias=0.8):
+    """Random scores where the seen classes (0-4) are inflated, as a seen-class-trained model's are."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, num_classes, (n,), generator=g)
+    logits = torch.randn(n, num_classes, generator=g)
+    logits[torch.arange(n), target] += 1.5
+    logits[:, :5] += seen_bias
+    return logits, target, [0, 1, 2, 3, 4], [5, 6, 7]
+
+
+def _shifted(logits, seen, gamma):
+    shifted = logits.clone()
+    shifted[:, seen] -= gamma
+    return shifted
+
+
+def test_calibration_subtracts_from_seen_scores_as_a_direct_loop_does():
+    logits, target, seen, unseen = _scored()
+    for gamma in (-0.7, 0.0, 0.4, 1.3):
+        got = gzsl_report(logits, target, seen, unseen, calibration=gamma)
+        expected = _reference(_shifted(logits, seen, gamma).tolist(), target.tolist(), seen, unseen)
+        for key in ("S", "U", "H"):
+            assert math.isclose(float(got[key]), expected[key], abs_tol=1e-6), (gamma, key)
+        uncalibrated = _reference(logits.tolist(), target.tolist(), seen, unseen)
+        for key in ("zsl", "seen_top1"):  # the within-split argmaxes ignore the calibration
+            assert math.isclose(float(got[key]), uncalibrated[key], abs_tol=1e-6), (gamma, key)
+
+
+def test_raising_the_calibration_never_lowers_u_nor_raises_s():
+    logits, target, seen, unseen = _scored(seed=1)
+    reports = [gzsl_report(logits, target, seen, unseen, calibration=g) for g in torch.linspace(-3, 3, 61).tolist()]
+    s = torch.stack([r["S"] for r in reports])
+    u = torch.stack([r["U"] for r in reports])
+    assert bool((s[1:] <= s[:-1] + 1e-7).all()) and bool((u[1:] >= u[:-1] - 1e-7).all())
+    assert float(s[0]) > float(s[-1]) and float(u[-1]) > float(u[0])  # the range spans real trade-offs
+
+
+def test_report_at_any_calibration_equals_the_metric_built_with_it():
+    logits, target, seen, unseen = _scored(seed=2)
+    metric = GZSLMetrics(8, seen, unseen, keep_scores=True)
+    for chunk in torch.arange(len(target)).split(50):
+        metric.update(logits[chunk], target[chunk])
+    for gamma in (-1.1, 0.0, 0.35, 0.9):
+        at = metric.report_at(gamma)
+        direct = gzsl_report(logits, target, seen, unseen, calibration=gamma)
+        for key in ("S", "U", "H"):
+            assert math.isclose(float(at[key]), float(direct[key]), abs_tol=1e-6), (gamma, key)
+
+
+def test_the_chosen_calibration_is_the_best_of_a_fine_direct_search():
+    logits, target, seen, unseen = _scored(seed=3)
+    chosen = choose_calibration(logits, target, seen, unseen)
+    best = float(gzsl_report(logits, target, seen, unseen, calibration=chosen)["H"])
+    # H only changes where γ crosses a sample's margin: trying the midpoint between every pair of neighbouring
+    # margins (computed here from the raw scores) visits every value H takes
+    margins = (logits[:, seen].max(dim=1).values - logits[:, unseen].max(dim=1).values).sort().values
+    candidates = torch.cat([margins[:1] - 1, 0.5 * (margins[1:] + margins[:-1]), margins[-1:] + 1])
+    direct = max(float(gzsl_report(logits, target, seen, unseen, calibration=float(g))["H"]) for g in candidates)
+    assert math.isclose(best, direct, abs_tol=1e-6)
+    assert best > float(gzsl_report(logits, target, seen, unseen)["H"]) + 0.02  # seen-biased scores gain from it
+    assert chosen > 0  # the seen classes are inflated, so the calibration takes from them
+
+
+def test_calibration_search_on_an_explicit_grid_and_its_tie_break():
+    logits, target, seen, unseen = _scored(seed=4, seen_bias=0.0)
+    grid = [-0.5, -0.25, 0.0, 0.25, 0.5]
+    chosen = choose_calibration(logits, target, seen, unseen, grid=grid)
+    h = [float(gzsl_report(logits, target, seen, unseen, calibration=g)["H"]) for g in grid]
+    assert chosen in grid and math.isclose(h[grid.index(chosen)], max(h), abs_tol=1e-6)
+    # scores that put every sample right whatever γ is within ±1: the calibration nearest to none wins
+    clear = torch.full((len(target), 8), -5.0)
+    clear[torch.arange(len(target)), target] = 5.0
+    assert choose_calibration(clear, target, seen, unseen, grid=[-1.0, 0.5, 0.0, 1.0]) == 0.0
+    assert choose_calibration(clear, target, seen, unseen) == 0.0
+
+
+def test_keeping_scores_needs_both_splits():
+    metric = GZSLMetrics(3, seen=[0, 1, 2], unseen=[], keep_scores=True)
+    with pytest.raises(ValueError, match="needs seen and unseen classes"):
+        metric.update(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="keep_scores=True"):
+        GZSLMetrics(3, seen=[0, 1], unseen=[2]).choose_calibration()

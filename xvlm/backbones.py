@@ -773,10 +773,14 @@ class VisionLanguageModel(nn.Module):
         return ImageTokens(patches=[t[:, 1:] for t in out.tokens], cls=[t[:, 0] for t in out.tokens], grid=out.grid,
                            registers=out.registers)
 
+    def norm_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tower's last LayerNorm on ViT tokens, before the projection: ``ln_post(x)``, ``[..., W] -> [..., W]``."""
+        return self._vit("norm_tokens").ln_post(tokens)
+
     def project_tokens(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Map ViT tokens ``[..., W]`` into the joint space: ``ln_post(x) @ proj`` -> ``[..., D]``."""
         visual = self._vit("project_tokens")
-        x = visual.ln_post(tokens)
+        x = self.norm_tokens(tokens)
         if visual.proj is not None:
             x = x @ visual.proj
         return F.normalize(x, dim=-1) if normalize else x

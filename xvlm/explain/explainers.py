@@ -29,8 +29,8 @@ Ours (captum has none):
 - ``gradcam++`` (Chattopadhay et al. 2018): the closed form of :mod:`xvlm.explain.saliency` on the same layer as
   ``gradcam``;
 - ``attention_rollout`` (Abnar & Zuidema 2020): per block the head-averaged attention ``A_l [B, L, L]``
-  (:meth:`~xvlm.backbones.VisionLanguageModel.run_blocks`), ``Â_l = rownorm(½ A_l + ½ I)``,
-  ``R = Â_L ⋯ Â_1``; ``S = R[class, patches]`` on the ``h × w`` grid. Class-agnostic (the target is ignored), no
+  (:meth:`~xvlm.backbones.VisionLanguageModel.run_blocks`), ``Â_l = ½ A_l + ½ I``, ``R = Â_L ⋯ Â_1``
+  (:func:`xvlm.patches.attention_rollout`, the one SVIP's selector learns from); ``S = R[class, patches]`` on the ``h × w`` grid. Class-agnostic (the target is ignored), no
   gradient; open_clip ViT only;
 - ``patch_prompt``: ``S_n = cos(ln_post(x_L,n) P, t_c)`` between each projected last-block patch token and the class
   text feature ``t_c [D]``, min–max normalised;
@@ -79,6 +79,7 @@ from xvlm.explain.saliency import (
     tokens_to_map,
     upsample,
 )
+from xvlm.patches import attention_rollout
 
 __all__ = [
     "EXPLAINERS",
@@ -316,12 +317,7 @@ def _attention_rollout(module: ExplainableModule, images: torch.Tensor, target: 
     _vit(module, "attention_rollout")
     backbone = module.backbone
     out = backbone.run_blocks(backbone.embed_patches(images), attention=True)
-    rollout = None
-    for attention in out.attention:
-        eye = torch.eye(attention.shape[-1], dtype=attention.dtype, device=attention.device)
-        mixed = 0.5 * attention + 0.5 * eye
-        mixed = mixed / mixed.sum(dim=-1, keepdim=True)
-        rollout = mixed if rollout is None else mixed @ rollout
+    rollout = attention_rollout(torch.stack(out.attention))
     count = out.grid[0] * out.grid[1]
     return rollout[:, 0, 1 : 1 + count].reshape(-1, *out.grid)  # rows and columns: class, patches, registers
 

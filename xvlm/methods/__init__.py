@@ -3,5 +3,6 @@
 from xvlm.methods.base import XVLMModule
 from xvlm.methods.clip import CLIPFineTune
 from xvlm.methods.lico import LICO
+from xvlm.methods.svip import SVIP
 
-__all__ = ["XVLMModule", "CLIPFineTune", "LICO"]
+__all__ = ["XVLMModule", "CLIPFineTune", "LICO", "SVIP"]

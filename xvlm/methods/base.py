@@ -11,6 +11,12 @@
   class prompts; a method with its own classifier overrides ``classify``. :class:`~xvlm.metrics.GZSLMetrics`
   gives ``val/S``, ``val/U``, ``val/H``, ``val/zsl``, ``val/seen_top1``. A closed-set classifier
   (``classifies_unseen = False``) is scored on images of seen classes only and also logs ``val/acc``.
+- **Calibrated stacking** (a task with seen and unseen classes): after each validation epoch the calibration ``γ``
+  with the highest H on the validation split is chosen (:func:`xvlm.metrics.choose_calibration`, over every
+  process's samples) and logged with the calibrated ``val/S_cal``, ``val/U_cal``, ``val/H_cal`` as
+  ``val/calibration``; it is stored in checkpoints and applied to the test split (``test/S_cal``, ...), which never
+  chooses anything. ``calibration: <float>`` fixes it instead (the value a validation-protocol run chose, for a
+  final run whose validation data are the test data: such a task says so, and then a chosen calibration is refused).
 - **Explanation**: :meth:`XVLMModule.explain` is the registry explainer named by ``explainer`` (default: the
   method's class attribute ``default_explainer``) on :meth:`XVLMModule.classify` (:mod:`xvlm.explain.explainers`).
 - **Optimisation**: AdamW (or SGD) without weight decay on gains, biases and embeddings; the parts a method adds
@@ -45,6 +51,8 @@ from xvlm.explain.explainers import check_explainer, explain_with, get_explainer
 from xvlm.metrics import GZSLMetrics
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CALIBRATION_KEY = "xvlm_gzsl_calibration"
+"""Checkpoint entry of the calibrated-stacking ``γ`` chosen on validation (None before any validation epoch)."""
 
 
 class XVLMModule(L.LightningModule):
@@ -73,6 +81,8 @@ class XVLMModule(L.LightningModule):
         momentum: SGD momentum.
         explainer: the explainer of :meth:`explain` (a name of :data:`xvlm.explain.explainers.EXPLAINERS`);
             ``None`` uses the method's :attr:`default_explainer`.
+        calibration: ``validation`` (choose the calibrated-stacking ``γ`` on the validation split after every
+            validation epoch) or a fixed ``γ`` (module docstring).
     """
 
     #: Whether :meth:`classify` scores unseen classes (zero-shot heads do; a classifier over seen classes does not,
@@ -103,10 +113,16 @@ class XVLMModule(L.LightningModule):
         optimizer: Literal["adamw", "sgd"] = "adamw",
         momentum: float = 0.9,
         explainer: str | None = None,
+        calibration: float | Literal["validation"] = "validation",
     ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer={optimizer!r}: choose 'adamw' or 'sgd'")
+        if isinstance(calibration, str) and calibration != "validation":
+            raise ValueError(f"calibration={calibration!r}: choose 'validation' (chosen on the validation split) "
+                             f"or a number (a fixed calibration)")
+        self.gzsl_calibration: float | None = None if calibration == "validation" else float(calibration)
+        """The calibrated-stacking ``γ`` applied to test: chosen on the last validation epoch, or fixed."""
         self.explainer_name = explainer or self.default_explainer
         get_explainer(self.explainer_name)  # an unknown name fails here, listing the choices
         self.save_hyperparameters()
@@ -118,6 +134,7 @@ class XVLMModule(L.LightningModule):
         self.test_metrics: GZSLMetrics | None = None
         self._class_text: torch.Tensor | None = None
         self._init_weights_loaded = False
+        self._frozen_clip: VisionLanguageModel | None = None
         check_explainer(self.explainer_name, self)  # ... and one the image tower cannot serve
 
     @property
@@ -126,10 +143,23 @@ class XVLMModule(L.LightningModule):
         return self.hparams.input_size or self.backbone.image_size
 
     # ----------------------------------------------------------------- contracts (xvlm.contracts.ExplainableModule)
-    def zero_shot_encoder(self) -> VisionLanguageModel | None:
-        """The image and text towers as they are now (contract 3 of DESIGN.md), or ``None`` when the image tower is
-        not text-aligned (a timm encoder): LaZSL then skips the module."""
-        return self.backbone if self.backbone.text_aligned_images else None
+    def zero_shot_encoder(self) -> VisionLanguageModel:
+        """The towers LaZSL scores with (contract 3 of DESIGN.md): the current CLIP towers, or with a timm image
+        encoder the frozen CLIP of ``model`` and ``pretrained``.
+
+        A timm encoder has no text-aligned image embedding, so LaZSL runs on the frozen CLIP (both towers,
+        ``requires_grad=False``), whose numbers then stay constant across epochs. It is built on first use and held
+        outside the module tree (``model`` and ``pretrained`` define it, so it is neither trained nor checkpointed),
+        and moved to the device and dtype of the module's own towers on every call.
+        """
+        if self.backbone.text_aligned_images:
+            return self.backbone
+        with torch.inference_mode(False):  # first use may come inside a validation loop
+            if self._frozen_clip is None:
+                clip = VisionLanguageModel(self.hparams.model, self.hparams.pretrained, freeze="all").eval()
+                self.__dict__["_frozen_clip"] = clip  # a plain attribute: not a submodule
+            own = self.backbone.logit_scale
+            return self._frozen_clip.to(device=own.device, dtype=own.dtype)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, C]`` of images ``[B, 3, H, W]`` over the task's classes: the one evaluation path
@@ -183,8 +213,13 @@ class XVLMModule(L.LightningModule):
         """
         self.task = task
         unseen = task.unseen if self.classifies_unseen else ()
-        self.val_metrics = GZSLMetrics(task.num_classes, task.seen, unseen)
-        self.test_metrics = GZSLMetrics(task.num_classes, task.seen, unseen)
+        calibrating = bool(task.seen) and bool(unseen)
+        if calibrating and self.hparams.calibration == "validation" and task.extras.get("validates_on_test"):
+            raise ValueError(f"{task.source} validates on its test images, so calibration='validation' would choose "
+                             f"the calibration on test data: pass the val/calibration of a run on the validation "
+                             f"protocol as calibration: <value>")
+        self.val_metrics = GZSLMetrics(task.num_classes, task.seen, unseen, keep_scores=calibrating)
+        self.test_metrics = GZSLMetrics(task.num_classes, task.seen, unseen, keep_scores=calibrating)
         device = self.backbone.logit_scale.device
         seen = torch.as_tensor(task.seen, dtype=torch.long, device=device)
         position = torch.full((task.num_classes,), -1, dtype=torch.long, device=device)
@@ -255,7 +290,17 @@ class XVLMModule(L.LightningModule):
         self._evaluate(batch, self.test_metrics, "test")
 
     def _log_metrics(self, metric: GZSLMetrics, prefix: str) -> None:
+        """Log ``metric`` under ``prefix``; with calibrated stacking also ``<prefix>/calibration`` and the
+        ``<prefix>/S_cal``, ``U_cal``, ``H_cal`` at :attr:`gzsl_calibration` (chosen first on validation)."""
         values = {f"{prefix}/{k}": v for k, v in metric.compute().items()}
+        if metric.keep_scores and metric.update_count:
+            choose = prefix == "val" and self.hparams.calibration == "validation" and not self.trainer.sanity_checking
+            if choose:
+                self.gzsl_calibration = metric.choose_calibration()
+            if self.gzsl_calibration is not None:
+                calibrated = metric.report_at(self.gzsl_calibration)
+                values |= {f"{prefix}/{k}_cal": v for k, v in calibrated.items()}
+                values[f"{prefix}/calibration"] = torch.tensor(self.gzsl_calibration)
         self.log_dict(values, prog_bar=True)
         metric.reset()
 
@@ -315,8 +360,11 @@ class XVLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CLASS_KEY] = class_path(self)
         checkpoint[RNG_KEY] = capture_rng_state()
+        checkpoint[CALIBRATION_KEY] = self.gzsl_calibration
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_class(checkpoint, class_path(self))
         if RNG_KEY in checkpoint:
             restore_rng_state(checkpoint[RNG_KEY])
+        if self.hparams.calibration == "validation" and checkpoint.get(CALIBRATION_KEY) is not None:
+            self.gzsl_calibration = float(checkpoint[CALIBRATION_KEY])

@@ -25,10 +25,10 @@ class, which localises best on the Shapes benchmark, ``docs/explanations.md``); 
 ``F`` is the backbone's :meth:`~xvlm.backbones.VisionLanguageModel.feature_maps`: with the CLIP image tower of
 ``model`` (``image_encoder='clip'``) its last block's patch tokens projected into the joint space and laid out as
 ``[B, D, h, w]``, so ``N = D`` and ``d' = h·w``; with a timm model (``image_encoder='timm:<name>'``, a base
-argument) ``forward_features``. With the CLIP tower, :meth:`zero_shot_encoder` returns the fine-tuned towers for
-LaZSL; a timm encoder has no text-aligned image embedding, so it returns the frozen CLIP of ``model`` and
-``pretrained`` (both towers, built on first use and kept out of the parameters and checkpoints), and LaZSL's
-numbers stay constant across epochs (spec §2.5).
+argument) ``forward_features``. With the CLIP tower, :meth:`zero_shot_encoder` (the shared one of
+:class:`~xvlm.methods.base.XVLMModule`) returns the fine-tuned towers for LaZSL; a timm encoder has no text-aligned
+image embedding, so it returns the frozen CLIP of ``model`` and ``pretrained``, and LaZSL's numbers stay constant
+across epochs (spec §2.5).
 Everything else LICO shares with every method (backbone arguments, evaluation, optimiser groups with ``head_lr``
 for LICO's own parts, ``init_weights``) comes from :class:`~xvlm.methods.base.XVLMModule`; the base defaults
 (``xvlm-tiny`` Shapes backbone, AdamW) apply unless a config gives the paper's recipe (``configs/lico/``: SGD at
@@ -80,7 +80,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.task import Task
-from xvlm.backbones import VisionLanguageModel
 from xvlm.methods.base import XVLMModule
 from xvlm.ot import StopRule, float32_region, sinkhorn
 from xvlm.prompts import SoftPrompts
@@ -243,24 +242,6 @@ class LICO(XVLMModule):
         self.mm_log_scale = nn.Parameter(torch.tensor(MM_SCALE_INIT))
         self.prompts: SoftPrompts | None = None
         self.head: nn.Linear | None = None
-        self._frozen_clip: VisionLanguageModel | None = None
-
-    def zero_shot_encoder(self) -> VisionLanguageModel:
-        """The towers LaZSL scores with: the current CLIP towers, or with a timm encoder the frozen CLIP.
-
-        A timm encoder has no text-aligned image embedding, so LaZSL runs on the frozen CLIP of ``model`` and
-        ``pretrained`` (both towers, ``requires_grad=False``; spec §2.5). It is built on first use and held outside
-        the module tree (``model`` and ``pretrained`` define it, so it is neither trained nor checkpointed), and
-        moved to the device and dtype of the module's own towers on every call.
-        """
-        if self.backbone.text_aligned_images:
-            return self.backbone
-        with torch.inference_mode(False):  # first use may come inside a validation loop
-            if self._frozen_clip is None:
-                clip = VisionLanguageModel(self.hparams.model, self.hparams.pretrained, freeze="all").eval()
-                self.__dict__["_frozen_clip"] = clip  # a plain attribute: not a submodule
-            own = self.backbone.logit_scale
-            return self._frozen_clip.to(device=own.device, dtype=own.dtype)
 
     # ----------------------------------------------------------------- task-dependent parts
     def build_task_parts(self, task: Task) -> None:

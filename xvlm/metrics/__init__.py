@@ -1,6 +1,6 @@
 """torchmetrics ``Metric``s, one per evaluation protocol."""
 
-from xvlm.metrics.gzsl import GZSLMetrics, gzsl_report, harmonic_mean
+from xvlm.metrics.gzsl import GZSLMetrics, choose_calibration, gzsl_report, harmonic_mean
 from xvlm.metrics.saliency import (
     SaliencyMetrics,
     auc,
@@ -15,6 +15,7 @@ __all__ = [
     "GZSLMetrics",
     "SaliencyMetrics",
     "auc",
+    "choose_calibration",
     "gzsl_report",
     "harmonic_mean",
     "insertion_deletion",
