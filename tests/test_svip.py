@@ -185,11 +185,13 @@ def test_keep_precision_against_a_pixel_loop():
     kept = torch.tensor([[True, False, False, True]])
     mask = torch.zeros(1, 6, 10, dtype=torch.bool)
     mask[0, :4, :7] = True
-    precision, share = keep_precision(kept, mask, (2, 2), size=1)  # 4 "super-patches" of 3x5 pixels
+    precision, share, recall = keep_precision(kept, mask, (2, 2), size=1)  # 4 "super-patches" of 3x5 pixels
     index = superpatch_index((6, 10), (2, 2), 1)
     on = [(y, x) for y in range(6) for x in range(10) if kept[0, index[y, x]]]
-    assert math.isclose(float(precision[0]), sum(bool(mask[0, y, x]) for y, x in on) / len(on), rel_tol=1e-6)
+    hits = sum(bool(mask[0, y, x]) for y, x in on)
+    assert math.isclose(float(precision[0]), hits / len(on), rel_tol=1e-6)
     assert math.isclose(float(share[0]), 28 / 60, rel_tol=1e-6)
+    assert math.isclose(float(recall[0]), hits / 28, rel_tol=1e-6)
 
 
 def test_word_vectors_from_a_file_and_their_errors(shapes, tmp_path):

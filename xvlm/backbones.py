@@ -28,7 +28,8 @@ The image tower is open_clip's (``image_encoder='clip'``) or a timm model (``ima
 :class:`TimmFeatures`); with a timm tower the CLIP image tower is dropped, the text tower stays, and the image
 features are not aligned with text (:attr:`VisionLanguageModel.text_aligned_images`).
 
-**ViT stepper.** Methods get inside an open_clip ViT through two calls, for any depth and width:
+**ViT stepper.** Methods get inside a ViT image tower (open_clip's, or timm's ``VisionTransformer``: below)
+through two calls, for any depth and width:
 
 - :meth:`~VisionLanguageModel.embed_patches`: ``[B, 3, H, W] -> [B, N, W]`` patch embeddings (the ``conv1``
   output, ``N = h·w``), before the class token and the position embeddings;
@@ -45,6 +46,34 @@ features are not aligned with text (:attr:`VisionLanguageModel.text_aligned_imag
   ``R > 0``; patch-level explainers that roll attention out use the whole square matrix and then read these
   indices).
 
+:meth:`~VisionLanguageModel.norm_tokens` is the LayerNorm after the last block (``ln_post``), and
+:attr:`~VisionLanguageModel.vit_width` is ``W``.
+
+**The stepper on a timm ViT** (``image_encoder='timm:vit_base_patch16_224'``, ``deit_base_patch16_224``,
+``vit_small_patch14_reg4_dinov2``, ...: any ``timm.models.vision_transformer.VisionTransformer`` whose blocks are
+timm's ``Block`` with its ``Attention``) keeps the contract above with timm's own modules, so that
+``run_blocks(embed_patches(x))`` computes timm's ``forward_features(x)``:
+
+- ``embed_patches``: ``t = patch_embed(x)`` (flattened ``[B, N, W]``; the ``[B, h, w, W]`` of a model built with
+  ``dynamic_img_size`` is flattened row-major), ``grid`` = the patch grid of that input;
+- ``run_blocks``: ``x_0 = norm_pre(patch_drop(_pos_embed(t)))``: ``_pos_embed`` prepends the class token and the
+  ``R = num_reg_tokens`` registers (``[c; r; t]``, as open_clip's register tower) and adds the position
+  embeddings (over class and registers too, or only over the patches with ``no_embed_class``; resampled to the
+  grid by timm with ``dynamic_img_size``), then ``pos_drop``; ``pooled = forward_head(norm(x_L), pre_logits=True)``,
+  the pre-logits feature ``[B, W]`` (not in the text's joint space). :class:`TimmFeatures` builds its model
+  with ``global_pool=''``, whose head returns the whole sequence; ``pooled`` is then its class token (timm's
+  ``'token'`` pooling, the ViT default);
+- ``norm_tokens`` is timm's ``norm``; ``project_tokens`` (and every other open_clip-only call:
+  ``encode_image``, ``add_block_adapters``) keeps needing the CLIP tower;
+- :attr:`~VisionLanguageModel.num_registers` is the model's ``num_reg_tokens``.
+
+Not supported (a ValueError naming the model says why): timm ViTs without a class token (``class_token=False``),
+prefix tokens other than the class token and registers (DeiT's distillation token), blocks other than ``Block``
+with ``Attention`` (``ResPostBlock``, the parallel blocks, ``attn_layer='diff'``) and the other timm ViT
+families (``Eva``, relative-position ViTs, ...), which are other classes; a ``patch_embed`` that returns ``NCHW``
+or ``NCL`` tokens (which timm's ``VisionTransformer`` cannot run either); and, without ``dynamic_img_size``,
+a grid other than the model's (its positions are not resized, as timm's own forward refuses other sizes).
+
 **Block adapters.** :meth:`~VisionLanguageModel.add_block_adapters` turns every visual block into an
 :class:`AdaptedResidualAttentionBlock` (the instance's class is swapped; its parameters and their state-dict keys
 stay as they are) that adds parallel modules to the two residual branches::
@@ -58,9 +87,12 @@ trainable under every ``freeze`` setting. Deliberate choices, which differ from 
 an adapter reads the branch input ``x`` before the LayerNorm, carries its own scale (there is no separate scaling
 factor), and is initialised by its factory (zero-initialised output layers leave the tower's function unchanged).
 
-Deviations of the stepper from open_clip's forward: a block whose attention is requested runs its attention
-unfused (``softmax(QKᵀ/√d)`` in float32, then ``V`` and ``out_proj``), which differs from the fused kernel by
-rounding only; with patch dropout active (training), ``N`` is the number of kept tokens.
+Deviations of the stepper from open_clip's and timm's forward: a block whose attention is requested runs its
+attention unfused (``softmax(QKᵀ/√d)`` in float32, then ``V`` and ``out_proj``; timm: ``softmax(q kᵀ · scale)``
+after ``q_norm``/``k_norm``, then ``attn_drop``, ``V``, ``norm``, the gate if any, ``proj`` and ``proj_drop``),
+which differs from the fused kernel by rounding only (timm's unfused path scales ``q`` before the product); the
+returned map is taken before attention dropout; with patch dropout active (training), ``N`` is the number of kept
+tokens.
 """
 
 from __future__ import annotations
@@ -70,13 +102,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -183,7 +218,7 @@ class RegisterVisionTransformer(VisionTransformer):
 
     def drop_registers(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 1+R+N, W] -> [B, 1+N, W]``."""
-        return torch.cat([x[:, :1], x[:, 1 + self.num_registers:]], dim=1)
+        return _split_registers(x, self.num_registers)[0]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -350,7 +385,8 @@ class BlockOutputs:
             all ``1+N+R`` keys) per requested block, or ``None`` when not asked for. Rows and columns are ordered
             class token, patches (``1..N``, as in ``tokens``), registers (the last ``R``); ``[..., :1+N, :1+N]``
             is the part among class and patch tokens.
-        pooled: ``[B, D]`` projected image feature, as ``encode_image`` computes it.
+        pooled: ``[B, D]`` projected image feature, as ``encode_image`` computes it (a timm ViT: the pre-logits
+            feature ``[B, W]``, module docstring).
         layers: the requested block indices (non-negative, ascending), matching ``tokens`` and ``attention``.
         grid: ``(h, w)`` of the patch grid.
         registers: one ``[B, R, W]`` block output of the register tokens per requested block (``R = 0``: empty).
@@ -441,6 +477,20 @@ class AdaptedResidualAttentionBlock(ResidualAttentionBlock):
         return _residual_branches(self, q_x, self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
 
 
+def _multi_head_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfused attention of ``q, k, v [B, heads, L, d]``; return ``(heads' outputs [B, L, heads·d], A [B, L, L])``.
+
+    ``A_h = softmax(q_h k_hᵀ · scale)`` in float32, the output is ``dropout(A_h) v_h`` with the heads concatenated,
+    and ``A = mean_h A_h`` (before dropout), so every row of ``A`` sums to 1.
+    """
+    batch, heads, length, dim = v.shape
+    weights = (q @ k.transpose(-2, -1) * scale).softmax(dim=-1, dtype=torch.float32)
+    attended = dropout(weights.to(v.dtype)) @ v
+    return attended.transpose(1, 2).reshape(batch, length, heads * dim), weights.mean(dim=1)
+
+
 def _attend_with_weights(block: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``block`` on ``x [B, L, W]`` with explicit attention; return ``(output [B, L, W], A [B, L, L])``.
 
@@ -452,9 +502,39 @@ def _attend_with_weights(block: ResidualAttentionBlock, x: torch.Tensor) -> tupl
     heads = attn.num_heads
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    weights = (q @ k.transpose(-2, -1) * (width // heads) ** -0.5).softmax(dim=-1, dtype=torch.float32)
-    attended = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(batch, length, width)
-    return _residual_branches(block, x, attn.out_proj(attended)), weights.mean(dim=1)
+    attended, weights = _multi_head_attention(q, k, v, (width // heads) ** -0.5, nn.Identity())
+    return _residual_branches(block, x, attn.out_proj(attended)), weights
+
+
+def _timm_attend_with_weights(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a timm ``Block`` on ``x [B, L, W]`` with explicit attention; return ``(output [B, L, W], A [B, L, L])``.
+
+    From the block's own weights, as timm's ``Block`` and ``Attention`` compute them::
+
+        [q, k, v] = qkv(norm1(x)),  q <- q_norm(q),  k <- k_norm(k)
+        A_h = softmax(q_h k_hᵀ · scale)                    (float32; A = mean_h A_h, before attn_drop)
+        a = proj_drop(proj(g ⊙ norm([attn_drop(A_h) v_h]_h)))  with the gate g = σ(gate(norm1 x)) if any, else 1
+        y = x + drop_path1(ls1(a)),  output = y + drop_path2(ls2(mlp(norm2(y))))
+    """
+    attn = block.attn
+    batch, length, _ = x.shape
+    h = block.norm1(x)
+    qkv = attn.qkv(h).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    attended, weights = _multi_head_attention(attn.q_norm(q), attn.k_norm(k), v, attn.scale, attn.attn_drop)
+    attended = getattr(attn, "norm", nn.Identity())(attended)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        attended = attended * gate(h).sigmoid()
+    y = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attended))))
+    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y)))), weights
+
+
+def _split_registers(x: torch.Tensor, registers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, 1+R+N, W]`` (class, registers, patches) -> ``([B, 1+N, W]`` class and patches, ``[B, R, W])``."""
+    if not registers:
+        return x, x[:, 1:1]
+    return torch.cat([x[:, :1], x[:, 1 + registers:]], dim=1), x[:, 1:1 + registers]
 
 
 def _class_patches_registers(length: int, registers: int, device: torch.device) -> torch.Tensor:
@@ -479,6 +559,96 @@ def _resized_positions(visual: VisionTransformer, grid: tuple[int, int]) -> torc
         patch = positions[1:].reshape(1, *old, -1).permute(0, 3, 1, 2)
         patch = F.interpolate(patch, size=grid, mode="bicubic", antialias=True, align_corners=False)
     return torch.cat([positions[:1], patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
+
+
+@dataclass(frozen=True)
+class _ViTSteps:
+    """The tower-specific steps of the ViT stepper (module docstring); the stepper's methods are one code path over
+    them, for open_clip's ViT (:func:`_open_clip_steps`) and timm's (:func:`_timm_steps`).
+
+    Attributes:
+        width: token width ``W``.
+        blocks: the transformer blocks, in order.
+        num_registers: ``R``.
+        embed: images ``[B, 3, H, W]`` -> :class:`PatchTokens`.
+        start: ``(t [B, N, W], grid)`` -> ``x_0 [B, 1+R+N, W]`` (class token, registers, patches; positions added).
+        attend: ``(block, x [B, L, W])`` -> ``(block output [B, L, W], head-averaged attention [B, L, L])``.
+        pool: last block output ``[B, 1+R+N, W]`` -> pooled feature ``[B, D]`` (not normalised).
+        norm: the LayerNorm after the last block, ``[..., W] -> [..., W]``.
+    """
+
+    width: int
+    blocks: Sequence[nn.Module]
+    num_registers: int
+    embed: Callable[[torch.Tensor], PatchTokens]
+    start: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+    attend: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    pool: Callable[[torch.Tensor], torch.Tensor]
+    norm: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _open_clip_steps(visual: VisionTransformer) -> _ViTSteps:
+    """The stepper's steps on an open_clip ViT: ``conv1``; ``ln_pre(patch_dropout([c; t] + P))`` (registers inserted
+    after the class token before ``ln_pre``); ``_pool`` and ``proj`` as in ``encode_image``; ``ln_post``."""
+
+    def embed(images: torch.Tensor) -> PatchTokens:
+        maps = visual.conv1(images)
+        return PatchTokens(tokens=maps.flatten(2).transpose(1, 2), grid=(int(maps.shape[-2]), int(maps.shape[-1])))
+
+    def start(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = torch.cat([visual.class_embedding.to(tokens.dtype).expand(len(tokens), 1, -1), tokens], dim=1)
+        x = visual.patch_dropout(x + _resized_positions(visual, grid).to(x.dtype))
+        if _num_registers(visual):
+            x = visual.insert_registers(x)  # [B, 1+R+N, W]: the registers have no position and are never dropped
+        return visual.ln_pre(x)
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        pooled, _ = visual._pool(x)  # ln_post, global or attentional pooling: encode_image's own code
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+    return _ViTSteps(width=int(visual.transformer.width), blocks=visual.transformer.resblocks,
+                     num_registers=_num_registers(visual), embed=embed, start=start, attend=_attend_with_weights,
+                     pool=pool, norm=visual.ln_post)
+
+
+def _timm_steps(model: TimmVisionTransformer, name: str) -> _ViTSteps:
+    """The stepper's steps on a timm ViT (module docstring), ``name`` being how errors call the model:
+    ``patch_embed``; ``norm_pre(patch_drop(_pos_embed(t)))``; ``forward_head(norm(x), pre_logits=True)``
+    (its class token when the head does not pool); ``norm``."""
+    patch_embed = model.patch_embed
+
+    def embed(images: torch.Tensor) -> PatchTokens:
+        tokens = patch_embed(images)
+        layout = str(getattr(getattr(patch_embed, "output_fmt", None), "value", "NLC"))
+        if tokens.dim() == 4 and layout == "NHWC":  # dynamic_img_size: [B, h, w, W]
+            return PatchTokens(tokens=tokens.flatten(1, 2), grid=(int(tokens.shape[1]), int(tokens.shape[2])))
+        if tokens.dim() != 3 or not (getattr(patch_embed, "flatten", False) or layout == "NLC"):
+            raise ValueError(f"embed_patches: the patch embedding of {name} returns {layout} tokens "
+                             f"{tuple(tokens.shape)}; the stepper reads flattened [B, N, W] or NHWC [B, h, w, W]")
+        if hasattr(patch_embed, "dynamic_feat_size"):
+            grid = tuple(int(n) for n in patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
+        else:
+            grid = tuple(int(n) for n in patch_embed.grid_size)
+        if grid[0] * grid[1] != tokens.shape[1]:
+            raise ValueError(f"embed_patches: {name} gave {tokens.shape[1]} patch tokens, not the {grid[0]}x{grid[1]} "
+                             f"grid of a {tuple(images.shape[-2:])} input")
+        return PatchTokens(tokens=tokens, grid=grid)
+
+    def start(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if model.dynamic_img_size:
+            tokens = tokens.unflatten(1, grid)  # NHWC, as patch_embed gives it: _pos_embed resamples the positions
+        elif model.pos_embed is not None and tuple(grid) != tuple(patch_embed.grid_size):
+            raise ValueError(f"run_blocks: {name} has position embeddings for a {tuple(patch_embed.grid_size)} grid, "
+                             f"not {tuple(grid)}; build it with encoder_kwargs dynamic_img_size=True (or img_size) "
+                             f"for other input sizes")
+        return model.norm_pre(model.patch_drop(model._pos_embed(tokens)))
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        pooled = model.forward_head(model.norm(x), pre_logits=True)
+        return pooled[:, 0] if pooled.dim() == 3 else pooled  # global_pool='': the class token
+
+    return _ViTSteps(width=int(model.embed_dim), blocks=model.blocks, num_registers=int(model.num_reg_tokens),
+                     embed=embed, start=start, attend=_timm_attend_with_weights, pool=pool, norm=model.norm)
 
 
 def _drop_text_alias_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -562,8 +732,16 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def num_registers(self) -> int:
-        """``R``, the register tokens of the CLIP image tower (:data:`REGISTER_TOKENS`); 0 for every other tower."""
-        return _num_registers(self.clip.visual) if self.timm_encoder is None else 0
+        """``R``, the register tokens of the CLIP image tower (:data:`REGISTER_TOKENS`) or of a timm ViT
+        (``num_reg_tokens``); 0 for every other tower."""
+        if self.timm_encoder is None:
+            return _num_registers(self.clip.visual)
+        return int(getattr(self.timm_encoder.model, "num_reg_tokens", 0) or 0)
+
+    @property
+    def vit_width(self) -> int:
+        """``W``, the token width of the ViT image tower (open_clip's or timm's); a ValueError for other towers."""
+        return self._vit_steps("vit_width").width
 
     @property
     def embed_dim(self) -> int:
@@ -689,13 +867,46 @@ class VisionLanguageModel(nn.Module):
                              f"has {type(blocks[0]).__name__} blocks")
         return visual
 
-    def embed_patches(self, images: torch.Tensor) -> PatchTokens:
-        """Patch embeddings ``[B, 3, H, W] -> [B, N, W]`` (``conv1``, ``N = h·w`` row-major) and the grid ``(h, w)``.
+    def _timm_vit(self, what: str) -> TimmVisionTransformer:
+        """The timm ViT image tower the stepper supports (module docstring), or a ValueError naming what ``what``
+        needs and what the model has."""
+        from timm.models.vision_transformer import Attention, Block
+        from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
-        Nothing else is added yet: :meth:`run_blocks` prepends the class token and adds the positions.
+        if self.timm_encoder is None:
+            raise ValueError(f"{what} needs a timm ViT image tower; model '{self.model_name}' uses the CLIP tower")
+        model = self.timm_encoder.model
+        where = f"image_encoder={self.image_encoder!r}"
+        if not isinstance(model, TimmVisionTransformer):
+            raise ValueError(f"{what} needs an open_clip ViT or a timm VisionTransformer image tower; {where} is "
+                             f"a {type(model).__name__}")
+        if not model.has_class_token:
+            raise ValueError(f"{what} needs a ViT with a class token; {where} was built without one "
+                             f"(class_token=False)")
+        if model.num_prefix_tokens != 1 + model.num_reg_tokens:
+            raise ValueError(f"{what} needs a timm ViT whose prefix tokens are the class token and registers; {where} "
+                             f"({type(model).__name__}) has {model.num_prefix_tokens} prefix tokens and "
+                             f"{model.num_reg_tokens} registers")
+        unsupported = sorted({f"{type(b).__name__}/{type(getattr(b, 'attn', None)).__name__}" for b in model.blocks
+                              if type(b) is not Block or type(b.attn) is not Attention})
+        if unsupported:
+            raise ValueError(f"{what} needs timm's Block with its Attention in every block; {where} has "
+                             f"{', '.join(unsupported)} (block/attention)")
+        return model
+
+    def _vit_steps(self, what: str) -> _ViTSteps:
+        """The stepper's steps on the image tower (open_clip's or timm's ViT), or a ValueError naming ``what``."""
+        if self.timm_encoder is None:
+            return _open_clip_steps(self._vit(what))
+        return _timm_steps(self._timm_vit(what), f"image_encoder={self.image_encoder!r}")
+
+    def embed_patches(self, images: torch.Tensor) -> PatchTokens:
+        """Patch embeddings ``[B, 3, H, W] -> [B, N, W]`` (``N = h·w`` row-major) and the grid ``(h, w)``.
+
+        open_clip: ``conv1``; timm: ``patch_embed`` (module docstring). Nothing else is added yet:
+        :meth:`run_blocks` prepends the class token (and registers) and adds the positions.
         """
-        maps = self._vit("embed_patches").conv1(images)
-        return PatchTokens(tokens=maps.flatten(2).transpose(1, 2), grid=(int(maps.shape[-2]), int(maps.shape[-1])))
+        return self._vit_steps("embed_patches").embed(images)
 
     def run_blocks(
         self,
@@ -709,9 +920,10 @@ class VisionLanguageModel(nn.Module):
 
         ``x_0 = ln_pre(patch_dropout([c; t] + P))`` with ``t = patches.tokens [B, N, W]``, the class token ``c`` and
         the position embeddings ``P`` resized to ``patches.grid`` if it differs from the tower's (with register
-        tokens ``r``: ``ln_pre([c; r; t'])`` where ``[c; t'] = patch_dropout([c; t] + P)``); then every block
-        runs (all of them, for ``pooled``). A block whose attention is requested runs unfused and returns
-        ``mean_heads softmax(Q Kᵀ / √d_head)`` from the same pass; the others run open_clip's own forward.
+        tokens ``r``: ``ln_pre([c; r; t'])`` where ``[c; t'] = patch_dropout([c; t] + P)``); a timm ViT:
+        ``x_0 = norm_pre(patch_drop(_pos_embed(t)))`` (module docstring). Then every block runs (all of them, for
+        ``pooled``). A block whose attention is requested runs unfused and returns
+        ``mean_heads softmax(Q Kᵀ / √d_head)`` from the same pass; the others run their own forward.
 
         Args:
             patches: output of :meth:`embed_patches` (its tokens may be edited, the grid must hold ``N`` tokens).
@@ -722,35 +934,29 @@ class VisionLanguageModel(nn.Module):
             normalize: unit-normalise ``pooled``, as ``encode_image(images, normalize=True)`` does.
 
         Returns:
-            :class:`BlockOutputs`; ``pooled [B, D]`` equals ``encode_image`` of the images ``patches`` came from.
+            :class:`BlockOutputs`; ``pooled [B, D]`` equals ``encode_image`` of the images ``patches`` came from
+            (timm: the pre-logits feature ``[B, W]``, ``forward_head(norm(x_L), pre_logits=True)``).
         """
-        visual = self._vit("run_blocks")
-        blocks = visual.transformer.resblocks
-        wanted = _block_indices(layers, len(blocks))
+        steps = self._vit_steps("run_blocks")
+        wanted = _block_indices(layers, len(steps.blocks))
         tokens, grid = patches.tokens, tuple(patches.grid)
         if tokens.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"run_blocks got {tokens.shape[1]} patch tokens for a {grid[0]}x{grid[1]} grid")
-        x = torch.cat([visual.class_embedding.to(tokens.dtype).expand(len(tokens), 1, -1), tokens], dim=1)
-        x = visual.patch_dropout(x + _resized_positions(visual, grid).to(x.dtype))
-        registers = _num_registers(visual)
-        if registers:
-            x = visual.insert_registers(x)  # [B, 1+R+N, W]: the registers have no position and are never dropped
-        x = visual.ln_pre(x)
+        x = steps.start(tokens, grid)  # [B, 1+R+N, W]: class token, registers, patches
         outputs, maps = [], []
-        for index, block in enumerate(blocks):
+        for index, block in enumerate(steps.blocks):
             if attention and index in wanted:
-                x, weights = _attend_with_weights(block, x)
+                x, weights = steps.attend(block, x)
                 maps.append(weights)
             else:
                 x = block(x)
             if index in wanted:
                 outputs.append(x)
-        pooled, _ = visual._pool(x)  # ln_post, global or attentional pooling: encode_image's own code
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
-        register_outputs = [y[:, 1:1 + registers] for y in outputs]
+        pooled = steps.pool(x)
+        registers = steps.num_registers
+        split = [_split_registers(y, registers) for y in outputs]
+        outputs, register_outputs = [y for y, _ in split], [r for _, r in split]
         if registers:
-            outputs = [visual.drop_registers(y) for y in outputs]
             order = _class_patches_registers(x.shape[1], registers, x.device)
             maps = [m[:, order][:, :, order] for m in maps]
         return BlockOutputs(tokens=outputs, attention=maps if attention else None,
@@ -774,8 +980,9 @@ class VisionLanguageModel(nn.Module):
                            registers=out.registers)
 
     def norm_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The tower's last LayerNorm on ViT tokens, before the projection: ``ln_post(x)``, ``[..., W] -> [..., W]``."""
-        return self._vit("norm_tokens").ln_post(tokens)
+        """The tower's last LayerNorm on ViT tokens, before the projection: ``ln_post(x)`` (timm: ``norm(x)``),
+        ``[..., W] -> [..., W]``."""
+        return self._vit_steps("norm_tokens").norm(tokens)
 
     def project_tokens(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Map ViT tokens ``[..., W]`` into the joint space: ``ln_post(x) @ proj`` -> ``[..., D]``."""

@@ -38,7 +38,8 @@ Evaluation is the shared one (GZSL S/U/H/ZSL with calibrated stacking chosen on 
 :mod:`xvlm.methods.base`); on data with object masks (Shapes; CUB with ``cub_root``) validation also logs
 ``val/keep_precision``, the share of the kept super-patches' pixels that lie on the object, and
 ``val/keep_precision_random``, the same for a uniformly random selection of ``M`` super-patches (its expectation:
-the mask's share of the image). ``explain`` adds the selection maps, the teacher and the attribute evidence
+the mask's share of the image; keeping ``M`` of ``G`` caps the precision at ``min(1, share · G / M)``), and
+``val/keep_recall``, the share of the object's pixels that are kept (a random selection's: ``M / G``). ``explain`` adds the selection maps, the teacher and the attribute evidence
 (:meth:`SVIP.explain`). :meth:`zero_shot_encoder` is the shared one: the fine-tuned open_clip towers.
 
 Deviations from the reference code (uqzhichen/SVIP), all deliberate (spec §8):
@@ -300,6 +301,7 @@ class SVIP(XVLMModule):
         self.attribute_groups: tuple[tuple[int, ...], ...] = ()
         self.keep_precision = MeanMetric()
         self.keep_precision_random = MeanMetric()
+        self.keep_recall = MeanMetric()
 
     # ----------------------------------------------------------------- task-dependent parts
     def build_task_parts(self, task: Task) -> None:
@@ -421,11 +423,11 @@ class SVIP(XVLMModule):
         out = self.infer(batch["image"])
         metric.update(out.logits, batch["label"])
         if "mask" in batch:
-            precision, share = keep_precision(out.kept, batch["mask"], self.grid, self.hparams.superpatch)
-            self.keep_precision.update(precision)
-            self.keep_precision_random.update(share)
-            self.log(f"{prefix}/keep_precision", self.keep_precision, batch_size=len(precision))
-            self.log(f"{prefix}/keep_precision_random", self.keep_precision_random, batch_size=len(precision))
+            overlap = keep_precision(out.kept, batch["mask"], self.grid, self.hparams.superpatch)
+            for name, values in zip(("keep_precision", "keep_precision_random", "keep_recall"), overlap):
+                metric = getattr(self, name)
+                metric.update(values)
+                self.log(f"{prefix}/{name}", metric, batch_size=len(values))
 
     def explain(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The shared saliency of the predicted class (contract 4) and SVIP's own evidence (spec §9), per sample:
@@ -505,18 +507,22 @@ class SVIP(XVLMModule):
 
 
 def keep_precision(kept: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
-                   size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, the share of the kept super-patches' pixels on the object, and the object's share of the image.
+                   size: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image, how the kept super-patches cover the object.
 
     Args:
         kept: ``[B, G]`` bool.
         masks: ``[B, H, W]`` object masks.
 
     Returns:
-        ``(precision [B], share [B])``: ``Σ mask·kept / Σ kept`` over pixels, and ``mean mask`` (the expected
-        precision of a uniformly random selection of super-patches of equal size).
+        ``(precision [B], share [B], recall [B])``: ``Σ mask·kept / Σ kept`` over pixels (the share of the kept
+        pixels on the object), ``mean mask`` (the expected precision of a uniformly random selection of
+        super-patches of equal size), and ``Σ mask·kept / Σ mask`` (the share of the object kept; a random
+        selection's is ``M / G``; 1 for an image without object pixels).
     """
     index = superpatch_index(tuple(masks.shape[-2:]), grid, size).to(kept.device)
-    on_kept = kept[:, index].float()  # [B, H, W]
-    masks = masks.float()
-    return (on_kept * masks).flatten(1).sum(1) / on_kept.flatten(1).sum(1).clamp_min(1), masks.flatten(1).mean(1)
+    on_kept = kept[:, index].flatten(1).float()  # [B, H·W]
+    masks = masks.flatten(1).float()
+    overlap = (on_kept * masks).sum(1)
+    recall = torch.where(masks.sum(1) > 0, overlap / masks.sum(1).clamp_min(1), torch.ones_like(overlap))
+    return overlap / on_kept.sum(1).clamp_min(1), masks.mean(1), recall
