@@ -212,7 +212,7 @@ def test_bad_settings_name_the_option(shapes):
         SVIP(pretrained=None, keep=16)
     with pytest.raises(ValueError, match="divergence='l2'"):
         SVIP(pretrained=None, divergence="l2")
-    with pytest.raises(ValueError, match="image_encoder='timm:resnet18'"):
+    with pytest.raises(ValueError, match="VisionTransformer image tower; image_encoder='timm:resnet18'"):
         SVIP(pretrained=None, image_encoder="timm:resnet18", input_size=64)
     plain = Task(source="Plain()", class_names=("a", "b"), seen=(0,), unseen=(1,))
     with pytest.raises(ValueError, match="SVIP needs attributes; Plain\\(\\) has none"):
@@ -285,3 +285,21 @@ def test_a_task_that_validates_on_test_refuses_to_choose_the_calibration(shapes)
     fixed = make_svip(shapes, calibration=0.25)
     fixed.attach_task(final)
     assert fixed.gzsl_calibration == 0.25
+
+
+def test_svip_on_a_timm_vit_trains_every_part_and_scores_with_the_frozen_clip(shapes, batch):
+    """The spec's tower option: a timm ViT through the same stepper (random weights, a 2-block ViT at 64 px)."""
+    tower = {"img_size": 64, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
+    module = make_svip(shapes, image_encoder="timm:vit_tiny_patch16_224", encoder_kwargs=tower, input_size=64)
+    assert module.grid == (8, 8) and module.token_width == 4 * 48
+    shapes.setup("fit")
+    out = module.losses(next(iter(shapes.loader("train", sharded=False))))
+    out["loss"].backward()
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    assert [name for name, p in trainable if p.grad is None] == []  # plain DDP accepts it
+    assert any(name.startswith("backbone.timm_encoder") for name, _ in trainable)
+    module.eval()
+    with torch.no_grad():
+        assert module.classify(batch["image"]).shape == (len(batch["image"]), shapes.task.num_classes)
+    encoder = module.zero_shot_encoder()  # not the timm tower: the frozen CLIP of `model`, for LaZSL
+    assert encoder is not module.backbone and encoder.text_aligned_images

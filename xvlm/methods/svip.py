@@ -62,9 +62,11 @@ Deviations from the reference code (uqzhichen/SVIP), all deliberate (spec §8):
     ``warmup_epochs=4`` is the reference's ``pre_epochs=3`` (it warms up while ``epoch ≤ pre_epochs``).
 11. The default word vectors are the backbone's own text tower on the attribute names (``word_vectors:
     text_tower``); a ``[K, Dw]`` ``.npy``/``.pt`` file (e.g. word2vec sums, the reference's) is the option.
-12. The backbone is an open_clip ViT through the shared stepper (the reference's timm ViT-B/16 is the spec's
-    default; a timm image tower is not supported yet); its pooled class feature and projection are unused and
-    frozen, and the text tower is frozen (it only encodes the attribute names).
+12. The image tower is the open_clip ViT of ``model`` by default (``ViT-B-16`` in the real-data configs), or a timm
+    ViT (``image_encoder: timm:vit_base_patch16_224``, the reference's tower, with ``encoder_weights: hub``), both
+    through the shared stepper. The text tower of ``model`` is frozen and only encodes the attribute names; the
+    pooled class feature and its projection are unused and frozen. Images are CLIP-normalised for every tower
+    (the datamodules' one normalisation), where the reference feeds its timm ViT ImageNet statistics.
 """
 
 from __future__ import annotations
@@ -277,12 +279,12 @@ class SVIP(XVLMModule):
                 raise ValueError(f"SVIP {name}={value!r}: choose one of {', '.join(choices)}")
         super().__init__(lr=lr, weight_decay=weight_decay, freeze=freeze, **kwargs)
         backbone = self.backbone
-        visual = backbone._vit("SVIP")  # the open_clip ViT the stepper runs (a ValueError naming the tower otherwise)
+        width = backbone.vit_width  # the stepper's ViT: open_clip or timm (a ValueError naming the tower otherwise)
         backbone.set_freeze("all" if freeze == "image" else "text")
         backbone.logit_scale.requires_grad_(False)  # unused, like the pooled class feature and its projection:
-        if visual.proj is not None:  # trainable, DDP would refuse them
-            visual.proj.requires_grad_(False)
-        width = visual.transformer.width
+        projection = getattr(backbone.image_tower, "proj", None)  # trainable, DDP would refuse them
+        if isinstance(projection, nn.Parameter):
+            projection.requires_grad_(False)
         with torch.no_grad():
             grid = backbone.embed_patches(torch.zeros(1, 3, self.input_side, self.input_side)).grid
         self.grid = tuple(grid)
