@@ -16,7 +16,7 @@ import pytest
 import yaml
 from run_cli import xvlm
 from test_method_configs import logged_rows
-from test_method_zoo import CONFIGS, cheap, class_of
+from test_method_zoo import CONFIGS, cheap, class_of, shared_machinery
 from test_resume import _checkpoint
 
 from xvlm.backbones import VisionLanguageModel
@@ -120,13 +120,13 @@ def _resume_across(folder: Path, first: tuple[str, ...], then: tuple[str, ...], 
     assert validated == {0}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("config", shared_machinery(CONFIGS))
 def test_a_two_process_run_preempted_on_rank_0_resumes_on_one_process(config, tmp_path):
     _write_config(config, tmp_path)
     _resume_across(tmp_path, TWO, (), step=1, rank=0)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("config", shared_machinery(CONFIGS))
 def test_a_one_process_run_resumes_on_two_processes(config, tmp_path):
     _write_config(config, tmp_path)
     _resume_across(tmp_path, (), TWO, step=1, rank=None)

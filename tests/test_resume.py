@@ -18,7 +18,7 @@ import torch
 import yaml
 from run_cli import xvlm
 from test_method_configs import logged_rows
-from test_method_zoo import CONFIGS, cheap
+from test_method_zoo import CONFIGS, cheap, shared_machinery
 
 BATCH, STEPS_PER_EPOCH, EPOCHS, EVERY = 8, 6, 2, 2
 TOTAL = STEPS_PER_EPOCH * EPOCHS
@@ -104,7 +104,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(config, tmp
     assert {key: got[key] for key in resumed_keys} == {key: expected[key] for key in resumed_keys}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("config", shared_machinery(CONFIGS))
 def test_slurm_preemption_checkpoints_requeues_and_the_requeued_job_finishes_the_run(config, tmp_path,
                                                                                      tmp_path_factory):
     straight = _straight(config, tmp_path_factory)

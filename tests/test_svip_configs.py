@@ -30,7 +30,8 @@ def test_explain_renders_the_patch_selection_of_a_trained_svip(tmp_path):
     assert picture.shape[:2] == (900, 1200)
 
 
-@pytest.mark.parametrize("dataset", ["cub", "awa2", "sun"])
+@pytest.mark.parametrize("dataset", ["cub", pytest.param("awa2", marks=pytest.mark.slow),
+                                     pytest.param("sun", marks=pytest.mark.slow)])
 def test_real_data_config_trains_and_validates_on_xlsa_fixtures_in_bf16(tmp_path, dataset):
     fixture = write_xlsa(tmp_path, dataset.upper())
     run = yaml.safe_load((CONFIGS / f"{dataset}.yaml").read_text())

@@ -2,7 +2,7 @@
 
 - **Backbone**: builds a :class:`~xvlm.backbones.VisionLanguageModel` from flat, CLI-visible arguments (open_clip
   architecture and weights, or a timm image tower with ``image_encoder='timm:<name>'``). Methods never
-  re-declare these arguments; they take their own and pass ``**kwargs`` on.
+  re-declare these arguments (except to give one another default); they take their own and pass ``**kwargs`` on.
 - **Task**: ``setup`` reads the datamodule's :class:`~datamodules.task.Task` and calls :meth:`XVLMModule.attach_task`,
   which builds the metrics, then the method's task-dependent parts (:meth:`XVLMModule.build_task_parts`, the hook a
   method overrides), then loads ``init_weights`` once, so the weights land in parts that exist.

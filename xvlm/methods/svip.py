@@ -239,11 +239,11 @@ class SVIP(XVLMModule):
         lr_decay: factor of the main learning rate every ``lr_decay_every`` epochs.
         lr_decay_every: epochs between decays.
         betas: Adam's ``(β₁, β₂)``.
-        lr: main learning rate (all weights, after warm-up).
-        weight_decay: Adam weight decay.
-        freeze: ``none`` or ``image`` (also fix the image tower); the text tower is always fixed.
+        lr: main learning rate (all weights, after warm-up); re-declared for its default.
+        weight_decay: Adam weight decay; re-declared for its default.
         **kwargs: the other :class:`XVLMModule` arguments (``model``, ``pretrained``, ``input_size``, ``calibration``,
-            ``explainer``, ``init_weights``).
+            ``explainer``, ``init_weights``; ``freeze: image`` or ``all`` also fixes the image tower, the text tower
+            is always fixed).
     """
 
     def __init__(
@@ -269,18 +269,16 @@ class SVIP(XVLMModule):
         betas: tuple[float, float] = (0.5, 0.999),
         lr: float = 3e-5,
         weight_decay: float = 0.0,
-        freeze: Literal["none", "image"] = "none",
         **kwargs: Any,
     ) -> None:
         for name, value, choices in (("divergence", divergence, ("kl", "jsd")), ("pool", pool, ("mean", "max")),
-                                     ("infer_tokens", infer_tokens, ("all", "kept")), ("freeze", freeze,
-                                                                                       ("none", "image"))):
+                                     ("infer_tokens", infer_tokens, ("all", "kept"))):
             if value not in choices:
                 raise ValueError(f"SVIP {name}={value!r}: choose one of {', '.join(choices)}")
-        super().__init__(lr=lr, weight_decay=weight_decay, freeze=freeze, **kwargs)
+        super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
         backbone = self.backbone
         width = backbone.vit_width  # the stepper's ViT: open_clip or timm (a ValueError naming the tower otherwise)
-        backbone.set_freeze("all" if freeze == "image" else "text")
+        backbone.set_freeze("all" if self.hparams.freeze in ("image", "all") else "text")
         backbone.logit_scale.requires_grad_(False)  # unused, like the pooled class feature and its projection:
         projection = getattr(backbone.image_tower, "proj", None)  # trainable, DDP would refuse them
         if isinstance(projection, nn.Parameter):
