@@ -15,28 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
-from timing import best_seconds_in_turn  # noqa: E402
+from timing import best_seconds_in_turn, training_step  # noqa: E402
 
 from datamodules.shapes import ShapesDataModule  # noqa: E402
 from xvlm.methods import LICO, CLIPFineTune  # noqa: E402
-
-
-def training_step(module, batch: dict) -> Callable[[], None]:
-    """One optimiser step of ``module`` on ``batch`` (its own loss, AdamW)."""
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
-    loss = module.loss if isinstance(module, CLIPFineTune) else (lambda b: module.losses(b)["loss"])
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss(batch).backward()
-        optimizer.step()
-
-    return step
 
 
 def main() -> None:

@@ -204,8 +204,17 @@ class LabelledImages(Dataset):
                 raise
             warnings.warn(f"skipped a sample (on_bad_image: skip): {error}")
             return Unreadable(index)
-        out = apply_transform(self.transform, self.random_transform, seed, image=image)
-        return dict(image=out["image"], label=self.labels[index], index=torch.tensor(index), seen=self.seen[index])
+        out = apply_transform(self.transform, self.random_transform, seed, image=image,
+                              **self.targets(index, image))
+        item = dict(image=out["image"], label=self.labels[index], index=torch.tensor(index), seen=self.seen[index])
+        if "mask" in out:
+            item["mask"] = out["mask"].bool()
+        return item
+
+    def targets(self, index: int, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Hook: the targets transformed together with item ``index``'s decoded ``image`` ``[H, W, 3]``; a
+        ``mask`` ``[H, W]`` uint8 becomes the item's ``mask`` ``[S, S]`` bool. None here."""
+        return {}
 
     def collate_readable(self, samples: list[dict[str, torch.Tensor] | Unreadable]) -> dict[str, torch.Tensor]:
         """Batch the readable ``samples``, dropping the :class:`Unreadable` ones, and count the drops.

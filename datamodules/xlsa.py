@@ -65,19 +65,15 @@ from datamodules.cifar import stratified_holdout
 from datamodules.folder import _folder_name
 from datamodules.loading import (
     SKIP_HINT,
-    BadImageError,
     ImageFiles,
     LabelledImages,
     Split,
-    Unreadable,
     ZooDataModule,
     read_rgb,
 )
-from datamodules.sampling import SampleKey, split_key
 from datamodules.task import Task
 from datamodules.transforms import (
     A,
-    apply_transform,
     awa2_train_transform,
     cub_train_transform,
     resize_crop_eval_transform,
@@ -386,19 +382,9 @@ class BoxedImages(LabelledImages):
 
     images: BoxedImageFiles
 
-    def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor] | Unreadable:
-        index, seed = split_key(key)
-        try:
-            image = self.images[index]
-        except BadImageError as error:
-            if not self.skip_unreadable:
-                raise
-            warnings.warn(f"skipped a sample (on_bad_image: skip): {error}")
-            return Unreadable(index)
-        out = apply_transform(self.transform, self.random_transform, seed, image=image,
-                              mask=self.images.mask(index, *image.shape[:2]))
-        return dict(image=out["image"], mask=out["mask"].bool(), label=self.labels[index], index=torch.tensor(index),
-                    seen=self.seen[index])
+    def targets(self, index: int, image: np.ndarray) -> dict[str, np.ndarray]:
+        """The box of item ``index`` as a ``mask`` of its decoded ``image``."""
+        return {"mask": self.images.mask(index, *image.shape[:2])}
 
 
 # --------------------------------------------------------------------------------------------- protocols

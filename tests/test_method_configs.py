@@ -1,12 +1,18 @@
 """The method configs beyond the zoo-wide check (``test_method_zoo.py``): exact resume of a LICO run, LICO on class
-folders with a timm encoder and on CIFAR pickles with a wide ResNet, ``xvlm explain`` of a LICO checkpoint."""
+folders with a timm encoder and on CIFAR pickles with a wide ResNet, ``xvlm explain`` of a LICO and an SVIP
+checkpoint (SVIP's patch selection, attribute maps and rankings drawn)."""
 
 import csv
+import math
 from pathlib import Path
 
+import matplotlib.image
+import pytest
 import torch
 import yaml
 from run_cli import straight_and_resumed, xvlm
+
+from xvlm.explain.render import DPI, MAX_COLUMNS, PANEL_INCHES
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 SHRUNK_CALLBACK_ARGS = {"max_batches": 1, "n_crops": 4, "steps": 4, "num_images": 2}
@@ -72,17 +78,27 @@ def test_lico_trains_on_a_class_folder_dataset_with_a_timm_encoder(tmp_path):
     assert checkpoint["state_dict"]["head.weight"].shape == (3, 512)
 
 
-def test_explain_renders_lico_gradcam_overlays_from_a_checkpoint(tmp_path):
-    run = shrunk(CONFIGS / "lico" / "shapes.yaml")
+PANELS = {"lico": 2, "svip": 11}
+"""Panels ``xvlm explain`` draws per image: the image and the saliency; SVIP adds its 3 selection maps, its top 4
+attribute maps and the attribute and margin rankings."""
+
+
+@pytest.mark.parametrize("method", sorted(PANELS))
+def test_explain_renders_a_checkpoints_maps_as_png_files(tmp_path, method):
+    run = shrunk(CONFIGS / method / "shapes.yaml")
     run["trainer"]["callbacks"] = []
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
-    trained = xvlm("fit", "--config", "run.yaml", "--run", "lico", "--trainer.max_epochs", "1",
+    trained = xvlm("fit", "--config", "run.yaml", "--run", method, "--trainer.max_epochs", "1",
                    "--trainer.limit_train_batches", "1", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
-    result = xvlm("explain", "--config", "run.yaml", "--ckpt_path", "checkpoints/lico/last.ckpt", "--split", "val",
-                  "--num_images", "2", "--out", "overlays", cwd=tmp_path)
+    result = xvlm("explain", "--config", "run.yaml", "--ckpt_path", f"checkpoints/{method}/last.ckpt", "--split",
+                  "val", "--num_images", "2", "--out", "overlays", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png")) == ["val_00000.png", "val_00001.png"]
+    columns = min(PANELS[method], MAX_COLUMNS)
+    rows = math.ceil(PANELS[method] / columns)
+    picture = matplotlib.image.imread(tmp_path / "overlays" / "val_00000.png")
+    assert picture.shape[:2] == (rows * PANEL_INCHES * DPI, columns * PANEL_INCHES * DPI)
 
 
 def test_lico_cifar_recipe_trains_a_wide_resnet_on_cifar_pickles(tmp_path):
