@@ -54,7 +54,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir):
     assert not all(torch.equal(interrupted["state_dict"][k], v) for k, v in expected["state_dict"].items())
 
     # Every epoch printed its evaluation line, and logs of both halves of the run were kept.
-    assert straight.stdout.count("val/U") == 3 and "Checkpoints: checkpoints/straight/" in straight.stdout
+    assert straight.stdout.count("val/U ") == 3 and "Checkpoints: checkpoints/straight/" in straight.stdout
     assert "Logs:        outputs/straight/csv/version_0/" in straight.stdout
     rows = []
     for path in sorted((workdir / "outputs/split/csv").glob("version_*/metrics.csv")):
