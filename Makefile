@@ -17,13 +17,20 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/xvlm fit --config configs/demo.yaml --ckpt_path last
 
+# The tests run in two processes (pytest-xdist), each test file on one of them in its order; the Shapes backbone
+# they share is built (or found in checkpoints/backbones/) first, so that no two processes build it at once.
+BACKBONE := $(BIN)/python -c "from xvlm.shapes_pretraining import shapes_backbone_path; shapes_backbone_path('xvlm-tiny')"
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BACKBONE)
+	$(PYTEST)
 
 test-all: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BACKBONE)
+	$(PYTEST) -m "slow or not slow"
 
 # Speed benchmarks, then the explainers x methods benchmark in its quick form (the full run writes
 # docs/explanations.md; its command is on that page).

@@ -90,12 +90,13 @@ def test_checkpoint_of_another_model_class_is_refused(workdir, tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [
-        (("--model.init_args.lerning_rate", "0.1"), "lerning_rate"),
-        (("--data.init_args.batch_size", "many"), "batch_size"),
+    [  # an unknown key and a wrong type in a config file: test_faults.py (in make test) names the file too
+        pytest.param(("--model.init_args.lerning_rate", "0.1"), "lerning_rate", marks=pytest.mark.slow),
+        pytest.param(("--data.init_args.batch_size", "many"), "batch_size", marks=pytest.mark.slow),
         (("--config", "missing.yaml"), "missing.yaml"),
         (("--model.init_args.model", "ViT-Q-99"), "ViT-Q-99"),
-        (("--model.init_args.pretrained", "nowhere/weights.pt"), "nowhere/weights.pt"),
+        pytest.param(("--model.init_args.pretrained", "nowhere/weights.pt"), "nowhere/weights.pt",
+                     marks=pytest.mark.slow),
     ],
 )
 def test_config_errors_name_the_bad_key_without_a_traceback(workdir, override, named):

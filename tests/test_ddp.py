@@ -126,7 +126,8 @@ def test_a_two_process_run_preempted_on_rank_0_resumes_on_one_process(config, tm
     _resume_across(tmp_path, TWO, (), step=1, rank=0)
 
 
-@pytest.mark.parametrize("config", shared_machinery(CONFIGS))
+@pytest.mark.slow  # the other direction (2 processes -> 1) runs in make test
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.name)
 def test_a_one_process_run_resumes_on_two_processes(config, tmp_path):
     _write_config(config, tmp_path)
     _resume_across(tmp_path, (), TWO, step=1, rank=None)

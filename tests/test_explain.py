@@ -198,6 +198,7 @@ def trained(tmp_path_factory) -> Path:
 CKPT = "checkpoints/explain/last.ckpt"
 
 
+@pytest.mark.slow  # the split path also runs in test_method_configs.py for LICO and SVIP (make test)
 def test_explain_command_writes_one_png_per_split_sample(trained):
     result = xvlm("explain", "--config", "tiny.yaml", "--ckpt_path", CKPT, "--split", "val", "--num_images", "3",
                   "--out", "out/val", cwd=trained)

@@ -39,6 +39,7 @@ def logged_rows(folder: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # at an epoch boundary; test_resume.py (make test) kills LICO mid-epoch and checks the same
 def test_lico_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     run = shrunk(CONFIGS / "lico" / "shapes.yaml")
     run["trainer"]["callbacks"] = [c for c in run["trainer"]["callbacks"] if c["class_path"].endswith("EpochSummary")]
