@@ -13,31 +13,17 @@ on the tiny backbone (random weights: throughput does not depend on them) and re
 
 from __future__ import annotations
 
-import argparse
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import torch  # noqa: E402
-from timing import best_seconds_in_turn, training_step  # noqa: E402
+from timing import best_seconds_in_turn, step_benchmark_batch, training_step  # noqa: E402
 
-from datamodules.shapes import ShapesDataModule  # noqa: E402
 from xvlm.methods import LICO, CLIPFineTune  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    data = ShapesDataModule(task="attributes", image_size=64, batch_size=args.batch_size,
-                            train_size=args.batch_size)
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    args, data, batch = step_benchmark_batch(__doc__.splitlines()[0])
     common = dict(model="xvlm-tiny", pretrained=None)
     variants = {
         "CLIPFineTune": lambda: CLIPFineTune(**common),

@@ -14,16 +14,14 @@ calls after a warm-up call.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
-from timing import best_seconds_in_turn, training_step  # noqa: E402
+from timing import best_seconds_in_turn, step_benchmark_batch, training_step  # noqa: E402
 
-from datamodules.shapes import ShapesDataModule  # noqa: E402
 from xvlm.methods import SVIP, CLIPFineTune  # noqa: E402
 
 
@@ -36,17 +34,7 @@ def inference(module, images: torch.Tensor) -> Callable[[], None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    data = ShapesDataModule(task="attributes", image_size=64, batch_size=args.batch_size, train_size=args.batch_size)
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    args, data, batch = step_benchmark_batch(__doc__.splitlines()[0])
     modules = {"CLIPFineTune": CLIPFineTune(model="xvlm-tiny", pretrained=None),
                "SVIP": SVIP(model="xvlm-tiny", pretrained=None, keep=0.75)}
     for module in modules.values():

@@ -1,12 +1,15 @@
-"""Timing shared by the benchmark scripts: best-of-repeats seconds per call, several candidates timed in turn, and
-the training step they time."""
+"""Timing shared by the benchmark scripts: best-of-repeats seconds per call, several candidates timed in turn, the
+training step they time and the Shapes batch they time it on."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
 import torch
+
+from datamodules.shapes import ShapesDataModule
 
 
 def best_seconds_in_turn(passes: dict[str, Callable[[], None]], steps: int, repeats: int) -> dict[str, float]:
@@ -39,3 +42,19 @@ def training_step(module: torch.nn.Module, batch: dict) -> Callable[[], None]:
         optimizer.step()
 
     return step
+
+
+def step_benchmark_batch(description: str) -> tuple[argparse.Namespace, ShapesDataModule, dict]:
+    """Parse ``--batch-size``, ``--steps``, ``--repeats``, ``--threads``; set the threads and seed 0; return the
+    arguments, the Shapes ``attributes`` datamodule at 64 px and one training batch of it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = ShapesDataModule(task="attributes", image_size=64, batch_size=args.batch_size, train_size=args.batch_size)
+    data.setup("fit")
+    return args, data, next(iter(data.train_dataloader()))
