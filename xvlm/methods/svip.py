@@ -86,6 +86,7 @@ from datamodules.task import Task
 from xvlm.backbones import PatchTokens
 from xvlm.explain.explainers import explain_with
 from xvlm.methods.base import XVLMModule
+from xvlm.metrics import mass_in_mask, uniform_mass_in_mask
 from xvlm.ot import float32_region
 from xvlm.patches import (
     attention_rollout,
@@ -521,8 +522,7 @@ def keep_precision(kept: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int
         selection's is ``M / G``; 1 for an image without object pixels).
     """
     index = superpatch_index(tuple(masks.shape[-2:]), grid, size).to(kept.device)
-    on_kept = kept[:, index].flatten(1).float()  # [B, H·W]
-    masks = masks.flatten(1).float()
-    overlap = (on_kept * masks).sum(1)
-    recall = torch.where(masks.sum(1) > 0, overlap / masks.sum(1).clamp_min(1), torch.ones_like(overlap))
-    return overlap / on_kept.sum(1).clamp_min(1), masks.mean(1), recall
+    on_kept = kept[:, index].float()  # [B, H, W]; never empty (M ≥ 1 super-patches are kept)
+    masks = masks.float()
+    recall = mass_in_mask(masks, on_kept).nan_to_num(nan=1.0)  # NaN: an image without object pixels
+    return mass_in_mask(on_kept, masks), uniform_mass_in_mask(masks), recall
