@@ -1,9 +1,11 @@
 """The DataModule zoo; every DataModule publishes a :class:`Task`."""
 
 from datamodules.cifar import CIFARDataModule
+from datamodules.czsl import CZSLDataModule
 from datamodules.folder import ImageFolderDataModule
 from datamodules.shapes import ShapesDataModule
 from datamodules.task import Task
 from datamodules.xlsa import XianDataModule
 
-__all__ = ["CIFARDataModule", "ImageFolderDataModule", "ShapesDataModule", "Task", "XianDataModule"]
+__all__ = ["CIFARDataModule", "CZSLDataModule", "ImageFolderDataModule", "ShapesDataModule", "Task",
+           "XianDataModule"]

@@ -1,5 +1,6 @@
-"""Text prompts: learnable soft prompts (CoOp, Zhou et al. 2022) and descriptor sentences (DCLIP), one builder
-each for LaZSL, LICO and ECOR.
+"""Text prompts: learnable soft prompts (CoOp, Zhou et al. 2022), prompts over a learnable vocabulary of primitives
+(CSP/Troika, for compositional methods: :class:`PrimitivePrompts`) and descriptor sentences (DCLIP), one builder
+each for LaZSL, LICO, MSCI and ECOR.
 
 A soft prompt of class ``c`` is the token sequence ``[SOS] X₁ … X_n {name_c} . [EOS]``: the ``n`` context vectors
 ``X [n, W]`` replace the embeddings of ``n`` placeholder words, the class name and the full stop keep their word
@@ -26,10 +27,12 @@ from torch import nn
 from xvlm.backbones import VisionLanguageModel
 
 __all__ = [
+    "PrimitivePrompts",
     "SoftPrompts",
     "descriptor_sentence",
     "descriptor_sentences",
     "encode_descriptors",
+    "primitive_phrase",
     "require_descriptors",
 ]
 
@@ -166,3 +169,71 @@ def encode_descriptors(
     out = feats.new_zeros(*mask.shape, feats.shape[-1])
     out[mask.to(feats.device)] = feats
     return out
+
+
+# --------------------------------------------------------------------------------------------- primitive prompts
+def primitive_phrase(name: str) -> str:
+    """A primitive's name as words: lowercased, "." and "_" as spaces (UT-Zappos ``Faux.Fur`` → ``faux fur``)."""
+    return name.replace(".", " ").replace("_", " ").lower().strip()
+
+
+class PrimitivePrompts(nn.Module):
+    """Soft prompts over a vocabulary of primitives (CSP/Troika/MSCI): ``[SOS] p₁ … p_n v₁ … v_k [EOS]``.
+
+    Each branch (``pair``, ``state``, ``object``, ...) has its own prefix ``p [n, W]``, initialised from the word
+    embeddings of ``prefix`` ("a photo of": ``n = 3``). Every primitive is one learnable vector ``v [W]`` of a shared
+    vocabulary ``V [|A|+|O|, W]`` (states first), initialised as the mean word embedding of its name
+    (:func:`primitive_phrase`), so a multi-word primitive takes one position. A prompt's primitives are rows of ``V``
+    (a state–object pair: ``v_a, v_o``); ``vocab_dropout`` drops vocabulary entries' elements in training. The
+    sequence goes through the text tower like :class:`SoftPrompts`; causal towers run only up to the end-of-text
+    position, the "context length 8" of the reference.
+
+    Args:
+        backbone: the model whose tokenizer, word embeddings and text tower the prompts use (not registered).
+        states / objects: primitive names, in the task's order.
+        branches: names of the prefixes.
+        prefix: the words that initialise every prefix.
+        vocab_dropout: dropout on the vocabulary in training.
+    """
+
+    def __init__(self, backbone: VisionLanguageModel, states: Sequence[str], objects: Sequence[str],
+                 branches: Sequence[str] = ("pair", "state", "object"), prefix: str = "a photo of",
+                 vocab_dropout: float = 0.0) -> None:
+        super().__init__()
+        names = [primitive_phrase(n) for n in (*states, *objects)]
+        with torch.no_grad():
+            head = backbone.tokenize([prefix]).cpu()
+            self.n_prefix = int(head.argmax(dim=-1)) - 1  # positions between start and end of text
+            if self.n_prefix < 1:
+                raise ValueError(f"prefix={prefix!r} has no words; give the words that initialise the prompts")
+            words = backbone.token_embeddings(head.to(backbone.logit_scale.device))[0].float().cpu()
+            tokens = backbone.tokenize(names).cpu()
+            embedded = backbone.token_embeddings(tokens.to(backbone.logit_scale.device)).float().cpu()
+        inner = (torch.arange(tokens.shape[1]) > 0) & (torch.arange(tokens.shape[1]) < tokens.argmax(dim=-1)[:, None])
+        vocab = (embedded * inner[..., None]).sum(dim=1) / inner.sum(dim=1, keepdim=True).clamp_min(1)
+        self.num_states = len(states)
+        self.vocab = nn.Parameter(vocab)
+        self.prefixes = nn.ParameterDict({b: nn.Parameter(words[1 : 1 + self.n_prefix].clone()) for b in branches})
+        self.register_buffer("start_end", words[[0, 1 + self.n_prefix]].clone(), persistent=False)
+        self.vocab_dropout = vocab_dropout
+
+    def embeddings(self, branch: str, primitives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings ``[K, 2 + n + k, W]`` of prompts over ``primitives [K, k]`` (rows of ``V``; states
+        ``0..|A|-1``, objects ``|A| + o``) and their end-of-text positions ``[K]``."""
+        vocab = nn.functional.dropout(self.vocab, self.vocab_dropout, self.training)
+        count = len(primitives)
+        prefix = self.prefixes[branch].expand(count, -1, -1)
+        start, end = (row.expand(count, 1, -1) for row in self.start_end.to(vocab.dtype))
+        sequence = torch.cat([start, prefix, vocab[primitives], end], dim=1)
+        eot = torch.full((count,), sequence.shape[1] - 1, dtype=torch.long, device=sequence.device)
+        return sequence, eot
+
+    def encode(self, backbone: VisionLanguageModel, branch: str, primitives: torch.Tensor,
+               chunk: int = 4096) -> torch.Tensor:
+        """Unit-norm text features ``[K, D]`` of the prompts over ``primitives [K, k]``, at most ``chunk`` prompts
+        through the text tower at once."""
+        out = []
+        for part in primitives.split(chunk):
+            sequence, eot = self.embeddings(branch, part)
+            out.append(backbone.encode_prompt_embeddings(sequence, eot, normalize=True))
+        return torch.cat(out)

@@ -86,7 +86,7 @@ def load_checkpoint_weights(model: XVLMModule, path: str | Path) -> None:
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     check_checkpoint_class(checkpoint, class_path(model), source=str(path))
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(model.full_state_dict(checkpoint["state_dict"]))
 
 
 def _batch_and_names(

@@ -3,6 +3,7 @@
 from xvlm.methods.base import XVLMModule
 from xvlm.methods.clip import CLIPFineTune
 from xvlm.methods.lico import LICO
+from xvlm.methods.msci import MSCI
 from xvlm.methods.svip import SVIP
 
-__all__ = ["XVLMModule", "CLIPFineTune", "LICO", "SVIP"]
+__all__ = ["XVLMModule", "CLIPFineTune", "LICO", "MSCI", "SVIP"]

@@ -19,7 +19,7 @@
   final run whose validation data are the test data: such a task says so, and then a chosen calibration is refused).
 - **Explanation**: :meth:`XVLMModule.explain` is the registry explainer named by ``explainer`` (default: the
   method's class attribute ``default_explainer``) on :meth:`XVLMModule.classify` (:mod:`xvlm.explain.explainers`).
-- **Optimisation**: AdamW (or SGD) without weight decay on gains, biases and embeddings; the parts a method adds
+- **Optimisation**: AdamW (or Adam, or SGD) without weight decay on gains, biases and embeddings; the parts a method adds
   (heads, prompts, adapters) may get their own learning rate ``head_lr``; linear warm-up then cosine decay.
 - **Checkpoints** record the module class (a checkpoint of another class is refused) and the RNG states (resumed
   runs continue the same random stream). ``init_weights`` starts from another run's or open_clip's weights without
@@ -77,7 +77,8 @@ class XVLMModule(L.LightningModule):
             ``None`` uses ``lr``.
         weight_decay: weight decay (matrices only).
         warmup_steps: linear warm-up steps before cosine decay.
-        optimizer: ``adamw`` or ``sgd`` (Nesterov-free SGD with ``momentum``, the recipe of CNN classifiers).
+        optimizer: ``adamw``, ``adam`` (L2 weight decay) or ``sgd`` (Nesterov-free SGD with ``momentum``, the recipe
+            of CNN classifiers).
         momentum: SGD momentum.
         explainer: the explainer of :meth:`explain` (a name of :data:`xvlm.explain.explainers.EXPLAINERS`);
             ``None`` uses the method's :attr:`default_explainer`.
@@ -110,14 +111,14 @@ class XVLMModule(L.LightningModule):
         head_lr: float | None = None,
         weight_decay: float = 0.1,
         warmup_steps: int = 50,
-        optimizer: Literal["adamw", "sgd"] = "adamw",
+        optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
         momentum: float = 0.9,
         explainer: str | None = None,
         calibration: float | Literal["validation"] = "validation",
     ) -> None:
         super().__init__()
-        if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer={optimizer!r}: choose 'adamw' or 'sgd'")
+        if optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"optimizer={optimizer!r}: choose 'adamw', 'adam' or 'sgd'")
         if isinstance(calibration, str) and calibration != "validation":
             raise ValueError(f"calibration={calibration!r}: choose 'validation' (chosen on the validation split) "
                              f"or a number (a fixed calibration)")
@@ -333,13 +334,16 @@ class XVLMModule(L.LightningModule):
                  **({"lr": head_lr} if is_added else {})}
                 for (is_gain, is_added), params in sorted(groups.items())]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        groups = self.parameter_groups()
-        hp = self.hparams
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The ``optimizer`` over :meth:`parameter_groups`: AdamW, Adam (weight decay as an L2 term of the
+        gradient) or SGD with ``momentum``."""
+        groups, hp = self.parameter_groups(), self.hparams
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+            return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        return (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW)(groups, lr=hp.lr)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.build_optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
         # Lightning 2.6 builds and starts iterating the train loader for this estimate, before a checkpoint's loop
         # state is restored, and then never loads the loader's saved position: drop that loader so the fit loop
@@ -361,6 +365,11 @@ class XVLMModule(L.LightningModule):
         checkpoint[CLASS_KEY] = class_path(self)
         checkpoint[RNG_KEY] = capture_rng_state()
         checkpoint[CALIBRATION_KEY] = self.gzsl_calibration
+
+    def full_state_dict(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook: a checkpoint's ``state_dict`` completed with what the method leaves out of checkpoints because it
+        is rebuilt identically (a frozen pretrained tower); the base stores everything and returns ``stored``."""
+        return stored
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_class(checkpoint, class_path(self))
