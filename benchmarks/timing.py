@@ -44,9 +44,10 @@ def training_step(module: torch.nn.Module, batch: dict) -> Callable[[], None]:
     return step
 
 
-def step_benchmark_batch(description: str) -> tuple[argparse.Namespace, ShapesDataModule, dict]:
+def step_benchmark_batch(description: str, task: str = "attributes") -> tuple[argparse.Namespace, ShapesDataModule,
+                                                                             dict]:
     """Parse ``--batch-size``, ``--steps``, ``--repeats``, ``--threads``; set the threads and seed 0; return the
-    arguments, the Shapes ``attributes`` datamodule at 64 px and one training batch of it."""
+    arguments, the Shapes datamodule of ``task`` at 64 px and one training batch of it."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
@@ -55,6 +56,6 @@ def step_benchmark_batch(description: str) -> tuple[argparse.Namespace, ShapesDa
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    data = ShapesDataModule(task="attributes", image_size=64, batch_size=args.batch_size, train_size=args.batch_size)
+    data = ShapesDataModule(task=task, image_size=64, batch_size=args.batch_size, train_size=args.batch_size)
     data.setup("fit")
     return args, data, next(iter(data.train_dataloader()))

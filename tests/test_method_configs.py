@@ -79,12 +79,15 @@ def test_lico_trains_on_a_class_folder_dataset_with_a_timm_encoder(tmp_path):
     assert checkpoint["state_dict"]["head.weight"].shape == (3, 512)
 
 
-PANELS = {"lico": 2, "svip": 11}
+PANELS = {"lico": 2, "svip": 11, "msci": 12}
 """Panels ``xvlm explain`` draws per image: the image and the saliency; SVIP adds its 3 selection maps, its top 4
-attribute maps and the attribute and margin rankings."""
+attribute maps and the attribute and margin rankings; MSCI its 2 x 3 stage attention maps (low/high level x
+pair/state/object) and the pair, state, object and level rankings. ``make test`` renders MSCI's (the most panels;
+every method's ``explain`` output is checked in process by ``test_method_zoo``), ``make test-all`` every one."""
 
 
-@pytest.mark.parametrize("method", sorted(PANELS))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m == "msci" else pytest.mark.slow)
+                                    for m in sorted(PANELS)])
 def test_explain_renders_a_checkpoints_maps_as_png_files(tmp_path, method):
     run = shrunk(CONFIGS / method / "shapes.yaml")
     run["trainer"]["callbacks"] = []

@@ -259,6 +259,8 @@ class MSCI(XVLMModule):
             fixed threshold.
         thresholds: number of candidate thresholds, evenly spaced over the unseen pairs' feasibility.
         pair_chunk: prompts per cross-attention call at evaluation (bounds memory: ``B · pair_chunk · T``).
+        interaction: the two stages; ``False`` is the ablation "global feature only": ``T̂_k = T_k``, no
+            aggregators, stages or fusion weights (and the image tokens are not computed).
         lr_step / lr_gamma: the learning rate is multiplied by ``lr_gamma`` every ``lr_step`` epochs.
         lr / weight_decay / optimizer: re-declared for their defaults (MIT-States: Adam, 1e-4, 1e-5).
         **kwargs: the other :class:`XVLMModule` arguments (``model``, ``pretrained``, ``input_size``, ``explainer``,
@@ -287,6 +289,7 @@ class MSCI(XVLMModule):
         feasibility_threshold: Literal["validation"] | float = "validation",
         thresholds: int = 50,
         pair_chunk: int = 1024,
+        interaction: bool = True,
         lr_step: int = 5,
         lr_gamma: float = 0.5,
         lr: float = 1e-4,
@@ -311,10 +314,11 @@ class MSCI(XVLMModule):
         if width % cal_heads:
             raise ValueError(f"MSCI cal_heads={cal_heads} does not divide the joint dimension {width} of model "
                              f"'{self.hparams.model}'; choose a divisor of {width}")
-        self.low_aggregator = LevelAggregator(len(self.low_blocks), width, agg_dropout)
-        self.high_aggregator = LevelAggregator(len(self.high_blocks), width, agg_dropout)
-        self.stages = nn.ModuleList(InteractionStage(width, cal_heads, cal_layers, cal_dropout) for _ in range(2))
-        self.fusion = nn.Parameter(torch.full((2, width), lambda_init))  # λ₁, λ₂
+        if interaction:
+            self.low_aggregator = LevelAggregator(len(self.low_blocks), width, agg_dropout)
+            self.high_aggregator = LevelAggregator(len(self.high_blocks), width, agg_dropout)
+            self.stages = nn.ModuleList(InteractionStage(width, cal_heads, cal_layers, cal_dropout) for _ in range(2))
+            self.fusion = nn.Parameter(torch.full((2, width), lambda_init))  # λ₁, λ₂
         self.state_disentangler = disentangler(width, disentangler_dropout)
         self.object_disentangler = disentangler(width, disentangler_dropout)
         self.prompts: PrimitivePrompts | None = None
@@ -394,8 +398,12 @@ class MSCI(XVLMModule):
 
     # ----------------------------------------------------------------- the model
     def image_levels(self, images: torch.Tensor) -> ImageLevels:
-        """``x_cls`` and the aggregated low and high tokens of ``images [B, 3, H, W]``."""
+        """``x_cls`` and the aggregated low and high tokens of ``images [B, 3, H, W]`` (without ``interaction``: the
+        pooled feature as a single token ``[B, 1, D]``)."""
         backbone = self.backbone
+        if not self.hparams.interaction:
+            pooled = backbone.encode_image(images, normalize=False)
+            return ImageLevels(pooled, pooled[:, None], pooled[:, None])
         blocks = sorted({*self.low_blocks, *self.high_blocks})
         out = backbone.run_blocks(backbone.embed_patches(images), layers=blocks, normalize=False)
         tokens = dict(zip(out.layers, out.tokens))
@@ -408,6 +416,9 @@ class MSCI(XVLMModule):
         """``T̂ = norm(T + λ₁⊙Q₁ + λ₂⊙Q₂)`` ``[B, K, D]`` of prompt features ``text [K, D]`` (or per image
         ``[B, K, D]``), and with ``attention`` each stage's mean attention ``[2, B, K, T]``."""
         queries = text.expand(len(levels.low), *text.shape[-2:]).to(levels.low.dtype)
+        if not self.hparams.interaction:
+            with float32_region(queries) as (queries,):
+                return F.normalize(queries, dim=-1), None
         first, low_maps = self.stages[0](queries, levels.low, attention)
         second, high_maps = self.stages[1](first, levels.high, attention)
         fused = queries + self.fusion[0] * first + self.fusion[1] * second
@@ -568,8 +579,9 @@ class MSCI(XVLMModule):
     def explain(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The shared saliency of the predicted pair (contract 4) and MSCI's own evidence (spec §9), per sample:
 
-        - ``stage_maps [B, 6, h, w]`` (``stage_names``): the attention of the predicted pair's, its state's and its
-          object's queries over the patch tokens in stage 1 (low level) and stage 2 (high level), heads averaged;
+        - ``low_maps``, ``high_maps`` ``[B, 3, h, w]`` (``low_names``, ``high_names``): the attention of the
+          predicted pair's, its state's and its object's queries over the patch tokens in stage 1 (low level) and
+          stage 2 (high level), heads (and a stage's layers) averaged;
         - ``pairs_scores [B, 5]`` (``pairs_names``): the top-5 pairs by ``s``, with ``pairs_pair_term`` (``w_p z_c``)
           and ``pairs_primitive_term`` (the primitive product) that sum to them;
         - ``states_scores [B, |A|]``, ``objects_scores [B, |O|]``: the state and object marginals;
@@ -577,6 +589,8 @@ class MSCI(XVLMModule):
           ``fusion_norms [2]``: ``‖λ₁‖``, ``‖λ₂‖``.
         """
         out = explain_with(self, batch, self.explainer_name)
+        if not self.hparams.interaction:
+            return out
         images = batch["image"].to(self.device)
         scores = self.score(images)
         combined = scores.combined(self.weights_choice)
@@ -586,19 +600,21 @@ class MSCI(XVLMModule):
         queries = torch.stack([text.pairs[predicted], text.states[self.pair_states[predicted]],
                                text.objects[self.pair_objects[predicted]]], dim=1)  # [B, 3, D]
         with torch.no_grad():
-            grid, size = self.backbone.embed_patches(images[:1]).grid, len(images)
+            grid, size = tuple(self.backbone.embed_patches(images[:1]).grid), len(images)
             first, low_maps = self.stages[0](queries.to(levels.low.dtype), levels.low, attention=True)
             second, high_maps = self.stages[1](first, levels.high, attention=True)
-        maps = torch.stack([low_maps, high_maps], dim=1)[..., 1:].float()  # [B, 2, 3, N]: patches only
         top = combined.topk(min(5, combined.shape[1]), dim=1)
         w_p, w_a, w_o = self.weights_choice
         names = self.task.class_names
-        branch_names = [f"{level}: {branch}" for level in ("low", "high") for branch in ("pair", "state", "object")]
+        concepts = [[f"pair: {names[k]}", f"state: {self.task.states[self.pair_states[k]]}",
+                     f"object: {self.task.objects[self.pair_objects[k]]}"] for k in predicted.tolist()]
         reliance = torch.stack([(self.fusion[0] * first[:, 0]).norm(dim=-1), (self.fusion[1] * second[:, 0]).norm(dim=-1)],
                                dim=1)
         return out | {
-            "stage_maps": maps.reshape(size, 6, *grid),
-            "stage_names": [branch_names] * size,
+            "low_maps": low_maps[..., 1:].float().unflatten(-1, grid),  # patches only
+            "low_names": concepts,
+            "high_maps": high_maps[..., 1:].float().unflatten(-1, grid),
+            "high_names": concepts,
             "pairs_scores": top.values.float(),
             "pairs_names": [[names[i] for i in row] for row in top.indices.tolist()],
             "pairs_pair_term": (w_p * scores.pair.gather(1, top.indices)).float(),
