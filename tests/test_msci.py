@@ -2,6 +2,7 @@
 CLIP's own text encoding, chunked open-world scoring, bf16, the feasibility formula, and checkpoints that hold the
 trainable weights and refuse another head count."""
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from datamodules import ShapesDataModule
 from xvlm.backbones import VisionLanguageModel
 from xvlm.methods import MSCI
 from xvlm.methods.msci import BottleneckAdapter, block_selection, feasibility_scores
+from xvlm.metrics import czsl_report
 from xvlm.prompts import PrimitivePrompts
 
 SMALL = dict(image_size=32, batch_size=8, train_size=16, val_size=16, test_size=16, num_workers=0, augment=False)
@@ -182,3 +184,50 @@ def test_checkpoints_hold_the_trainable_weights_and_restore_the_whole_model(tmp_
     other, _ = _msci(pretrained="shapes", cal_heads=8)
     with pytest.raises(ValueError, match="cal_heads=4.*cal_heads: 4"):
         other.on_load_checkpoint(torch.load(tmp_path / "msci.ckpt", weights_only=True))
+
+
+def _scores(model: MSCI, data: ShapesDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = _batch(data, split, 16)
+    with torch.no_grad():
+        return model.score(batch["image"]), batch["label"]
+
+
+def test_validation_chooses_weights_and_threshold_and_test_applies_them_unchanged():
+    grid = [(1.0, 0.0, 0.0), (0.0, 1.0, 1.0), (0.3, 0.7, 0.7)]
+    model, data = _msci(weight_grid=grid)
+    options = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0)
+    trainer = L.Trainer(**options)
+    trainer.validate(model, data, verbose=False)
+    model.eval()
+    scores, labels = _scores(model, data, "val")
+    task = data.task
+    closed = model.seen_pairs.clone()
+    closed[list(task.val_pairs)] = True
+    aucs = [float(czsl_report(scores.combined(w), labels, model.seen_pairs, closed)["auc"]) for w in grid]
+    assert model.weights_choice == grid[aucs.index(max(aucs))]
+    assert float(trainer.callback_metrics["val/czsl_auc"]) == pytest.approx(max(aucs))
+    assert float(trainer.callback_metrics["val/w_pair"]) == pytest.approx(model.weights_choice[0])
+    chosen = (model.weights_choice, model.open_world_choice, model.threshold_choice)
+    (tested,) = L.Trainer(**options).test(model, data, verbose=False)
+    assert (model.weights_choice, model.open_world_choice, model.threshold_choice) == chosen  # test chooses nothing
+    scores, labels = _scores(model, data, "test")
+    closed = model.seen_pairs.clone()
+    closed[list(task.test_pairs)] = True
+    expected = czsl_report(scores.combined(model.weights_choice), labels, model.seen_pairs, closed)
+    assert tested["test/czsl_auc"] == pytest.approx(float(expected["auc"]))
+    in_space = model.seen_pairs | (model.feasibility >= model.threshold_choice)
+    expected = czsl_report(scores.combined(model.open_world_choice), labels, model.seen_pairs, in_space)
+    assert tested["test/ow_czsl_auc"] == pytest.approx(float(expected["auc"]))
+
+
+def test_the_global_feature_ablation_has_no_stages_and_scores_every_pair():
+    model, data = _msci(interaction=False)
+    assert not hasattr(model, "stages") and not hasattr(model, "fusion")
+    model.train()
+    loss = model.losses(_batch(data))["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and model.prompts.vocab.grad is not None
+    model.eval()
+    scores, _ = _scores(model, data, "val")
+    assert scores.pair.shape == (16, 64) and torch.isfinite(scores.pair).all()
