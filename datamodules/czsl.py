@@ -448,7 +448,8 @@ class CZSLDataModule(ZooDataModule):
     Args:
         root: the dataset folder (holding ``images/``, the split folder and the metadata file).
         image_size: side ``S`` of the square images.
-        batch_size: samples per batch (every split).
+        batch_size: samples per training batch (and evaluation batch without ``eval_batch_size``).
+        eval_batch_size: samples per validation/test/predict batch (the recipes' 32 or 64); None: ``batch_size``.
         num_workers: data loader workers.
         split: the folder below ``root`` holding ``{train,val,test}_pairs.txt``.
         metadata: the metadata file, below ``root`` unless absolute; None: ``metadata_<split>.t7``.
@@ -461,8 +462,8 @@ class CZSLDataModule(ZooDataModule):
             sample from the batch, counted in ``batch["skipped_images"]``).
     """
 
-    def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, num_workers: int = 4,
-                 split: str = DEFAULT_SPLIT, metadata: str | None = None, feasibility: str | None = None,
+    def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, eval_batch_size: int | None = None,
+                 num_workers: int = 4, split: str = DEFAULT_SPLIT, metadata: str | None = None, feasibility: str | None = None,
                  allow_pickle: bool = False, augment: bool = True,
                  on_bad_image: Literal["error", "skip"] = "error") -> None:
         super().__init__()

@@ -307,7 +307,9 @@ class ZooDataModule(L.LightningDataModule):
         """The loader of ``split`` by an :class:`~datamodules.sampling.EpochSampler`: training shuffled per epoch,
         padded shares, per-sample augmentation seeds, a :class:`ResumableLoader`; otherwise in order, unpadded.
 
-        ``sharded``: this rank's share under the trainer's DDP (what ``<split>_dataloader()`` serve), else the whole
+        Batches hold ``batch_size`` samples, evaluation batches ``eval_batch_size`` when the datamodule has that
+        hyper-parameter and it is set. ``sharded``: this rank's share under the trainer's DDP (what
+        ``<split>_dataloader()`` serve), else the whole
         split (what callbacks that must see the same samples on every rank read, ``xvlm.contracts.WholeSplits``).
         """
         dataset, workers = self.dataset(split), self.hparams.num_workers
@@ -317,7 +319,8 @@ class ZooDataModule(L.LightningDataModule):
                        else (0, 1))
         sampler = EpochSampler(dataset, shuffle=train, seed=self.sampling_seed, rank=rank, world_size=world,
                                even=train, keyed=train)
-        options = dict(batch_size=self.hparams.batch_size, sampler=sampler, num_workers=workers,
+        batch_size = (self.hparams.get("eval_batch_size") if not train else None) or self.hparams.batch_size
+        options = dict(batch_size=batch_size, sampler=sampler, num_workers=workers,
                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                        collate_fn=dataset.collate_readable if skipping else None,
                        generator=torch.Generator().manual_seed(self.sampling_seed))

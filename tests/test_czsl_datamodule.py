@@ -195,6 +195,16 @@ def test_batches_carry_state_and_object_of_their_pair(czsl):
     assert set(test["label"].tolist()) == {4, 7, 8, 10} and test["seen"].tolist().count(True) == 3
 
 
+def test_evaluation_batches_have_their_own_size_and_hold_the_same_samples(czsl):
+    dm, wide = czsl.module(batch_size=2), czsl.module(batch_size=2, eval_batch_size=5)
+    assert [len(b["label"]) for b in wide.train_dataloader()] == [len(b["label"]) for b in dm.train_dataloader()]
+    for split in ("val", "test"):
+        loader = getattr(wide, f"{split}_dataloader")()
+        sizes = [len(b["label"]) for b in loader]
+        assert sizes[0] == min(5, len(dm.records[split])) and all(size <= 5 for size in sizes)
+        assert torch.equal(_all(loader)["index"], _all(getattr(dm, f"{split}_dataloader")())["index"])
+
+
 def test_original_image_is_the_file_at_its_own_size(czsl):
     dm = czsl.module()
     record = dm.records["val"][1]

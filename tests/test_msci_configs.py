@@ -15,12 +15,13 @@ from test_method_configs import logged_rows
 CONFIGS = Path(__file__).parents[1] / "configs" / "msci"
 
 RECIPE = {  # spec methods/msci.md §4, written from the table, not from the configs
-    "mit_states": dict(optimizer="adam", lr=1e-4, weight_decay=1e-5, batch_size=64, max_epochs=20,
+    "mit_states": dict(optimizer="adam", lr=1e-4, weight_decay=1e-5, batch_size=64, eval_batch_size=32,
+                       max_epochs=20,
                        loss_weights=[1.0, 1.0, 1.0], attr_dropout=0.3, low_layers=4, high_layers=4),
-    "ut_zappos": dict(optimizer="adamw", lr=2.5e-4, weight_decay=1e-5, batch_size=48, max_epochs=15,
-                      loss_weights=[1.0, 1.0, 1.0], attr_dropout=0.3, low_layers=3, high_layers=3),
-    "cgqa": dict(optimizer="adam", lr=1.25e-5, weight_decay=1e-5, batch_size=48, max_epochs=15,
-                 loss_weights=[1.0, 0.1, 0.1], attr_dropout=0.0, low_layers=4, high_layers=4),
+    "ut_zappos": dict(optimizer="adamw", lr=2.5e-4, weight_decay=1e-5, batch_size=48, eval_batch_size=64,
+                      max_epochs=15, loss_weights=[1.0, 1.0, 1.0], attr_dropout=0.3, low_layers=3, high_layers=3),
+    "cgqa": dict(optimizer="adam", lr=1.25e-5, weight_decay=1e-5, batch_size=48, eval_batch_size=32,
+                 max_epochs=15, loss_weights=[1.0, 0.1, 0.1], attr_dropout=0.0, low_layers=4, high_layers=4),
 }
 SCHEDULE = dict(lr_step=5, lr_gamma=0.5)  # StepLR, step 5 epochs, gamma 0.5 (every dataset)
 FINITE = ("train/loss", "val/czsl_auc", "val/czsl_hm", "val/best_seen", "val/best_unseen", "val/state_acc",
@@ -37,7 +38,7 @@ def _logged(run_dir: Path) -> dict[str, float]:
 def _shrunk_run(dataset: str, root: Path) -> dict:
     """The shipped config of ``dataset`` on the fixture at ``root``, with the tiny random tower on the CPU."""
     run = yaml.safe_load((CONFIGS / f"{dataset}.yaml").read_text())
-    run["data"]["init_args"].update(root=str(root), image_size=32, batch_size=4, num_workers=0)
+    run["data"]["init_args"].update(root=str(root), image_size=32, batch_size=4, eval_batch_size=3, num_workers=0)
     run["model"]["init_args"].update(model="xvlm-tiny", pretrained=None, input_size=32, low_layers=2, high_layers=2,
                                      cal_heads=4)  # xvlm-tiny: joint dimension 128, depth 4
     run["trainer"].update(accelerator="cpu", max_epochs=1, limit_train_batches=2, enable_progress_bar=False,
@@ -54,7 +55,8 @@ def test_real_data_config_trains_validates_and_tests_on_czsl_fixtures_in_bf16(tm
     model, data = shipped["model"]["init_args"], shipped["data"]["init_args"]
     recipe = RECIPE[dataset] | SCHEDULE
     shipped_recipe = {key: model[key] for key in recipe if key in model}
-    shipped_recipe.update(batch_size=data["batch_size"], max_epochs=shipped["trainer"]["max_epochs"])
+    shipped_recipe.update(batch_size=data["batch_size"], eval_batch_size=data["eval_batch_size"],
+                          max_epochs=shipped["trainer"]["max_epochs"])
     assert shipped_recipe.keys() == recipe.keys()
     for key, expected in recipe.items():
         assert shipped_recipe[key] == pytest.approx(expected), key
