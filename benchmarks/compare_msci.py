@@ -10,7 +10,9 @@ chooses its inference weights there), scores every pair for the validation and t
 - closed world: the training pairs and the test pairs; ``AUC``, ``HM``, best seen ``S``, best unseen ``U``;
 - open world: all 64 pairs with the feasibility filter, the threshold chosen on validation by open-world AUC (50
   values over the unseen pairs' feasibility), the same feasibility for every method: MSCI's
-  :func:`~xvlm.methods.msci.feasibility_scores` of the Shapes text tower's colour and shape names.
+  :func:`~xvlm.methods.msci.feasibility_scores` of the Shapes text tower's colour and shape names;
+- MSCI's explanation check (spec §9): the share of the predicted pair's stage-1 (``low``) and stage-2 (``high``)
+  attention inside the object masks of the test images, against the masks' area share (``uniform``).
 
 It prints a Markdown table of mean ± std over seeds, the per-seed rows and the command line; paste them into
 ``docs/results.md``.
@@ -27,17 +29,41 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from compare_svip import mean_std  # noqa: E402
 
 from datamodules.shapes import ShapesDataModule  # noqa: E402
 from xvlm.methods import MSCI, CLIPFineTune  # noqa: E402
-from xvlm.metrics import czsl_report, feasible_summaries, report_from_summary  # noqa: E402
+from xvlm.metrics import (  # noqa: E402
+    czsl_report,
+    feasible_summaries,
+    mass_in_mask,
+    report_from_summary,
+    uniform_mass_in_mask,
+)
 
 MSCI_CONFIG = "configs/msci/shapes.yaml"
 CLIP_CONFIG = "configs/clip/shapes.yaml"
-COLUMNS = ("AUC", "HM", "S", "U", "OW AUC", "OW HM", "OW S", "OW U")
+COLUMNS = ("AUC", "HM", "S", "U", "OW AUC", "OW HM", "OW S", "OW U", "low in mask", "high in mask", "uniform")
 KEYS = ("auc", "hm", "best_seen", "best_unseen")
+
+
+def attention_in_mask(module: MSCI, loader) -> dict[str, float]:
+    """Mean share of the predicted pair's stage-1 and stage-2 attention (patch maps stretched over the image) inside
+    the object masks, and the masks' area share (a uniform map's)."""
+    low, high, uniform = [], [], []
+    module.eval()
+    with torch.no_grad():
+        for batch in loader:
+            images, masks = batch["image"], batch["mask"]
+            maps = module.stage_attention(images, module.classify(images).argmax(dim=1)).maps[:, :, 0]  # [B, 2, h, w]
+            maps = F.interpolate(maps, size=masks.shape[-2:], mode="nearest")
+            low.append(mass_in_mask(maps[:, 0], masks))
+            high.append(mass_in_mask(maps[:, 1], masks))
+            uniform.append(uniform_mass_in_mask(masks))
+    return {name: float(torch.cat(values).mean()) for name, values in
+            (("low in mask", low), ("high in mask", high), ("uniform", uniform))}
 
 
 def scores_of(module: L.LightningModule, loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +105,10 @@ def run(build, data_args: dict, seed: int, epochs: int, feasibility: torch.Tenso
     closed[list(task.test_pairs)] = True
     cw = czsl_report(*test, seen, closed)
     ow = open_world(val, test, seen, feasibility)
-    return {**{c: float(cw[k]) for c, k in zip(COLUMNS[:4], KEYS)}, **{c: ow[k] for c, k in zip(COLUMNS[4:], KEYS)}}
+    row = {**{c: float(cw[k]) for c, k in zip(COLUMNS[:4], KEYS)}, **{c: ow[k] for c, k in zip(COLUMNS[4:8], KEYS)}}
+    if isinstance(module, MSCI) and module.hparams.interaction:
+        row |= attention_in_mask(module, data.test_dataloader())
+    return row
 
 
 def shapes_feasibility(data_args: dict, model_args: dict) -> torch.Tensor:
@@ -114,13 +143,13 @@ def main() -> None:
     print("| method | " + " | ".join(COLUMNS) + " |")
     print("|---|" + "---:|" * len(COLUMNS))
     for name, rows in results.items():
-        print(f"| {name} | " + " | ".join(mean_std([r[c] for r in rows]) for c in COLUMNS) + " |")
+        print(f"| {name} | " + " | ".join(mean_std([r[c] for r in rows if c in r]) for c in COLUMNS) + " |")
     print("\nPer seed:\n")
     print("| method | seed | " + " | ".join(COLUMNS) + " |")
     print("|---|---:|" + "---:|" * len(COLUMNS))
     for name, rows in results.items():
         for seed, row in zip(args.seeds, rows):
-            print(f"| {name} | {seed} | " + " | ".join(f"{row[c]:.3f}" for c in COLUMNS) + " |")
+            print(f"| {name} | {seed} | " + " | ".join(f"{row[c]:.3f}" if c in row else "–" for c in COLUMNS) + " |")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,16 @@ class PairScores:
         return w_p * self.pair + (w_a * w_o) * self.primitive
 
 
+@dataclass
+class StageAttention:
+    """``maps [B, 2, 3, h, w]``: the head-averaged attention over the patch tokens of stage 1 (low) and 2 (high)
+    of the queries of a pair, its state and its object; ``reliance [B, 2]``: ``‖λ₁⊙Q₁‖``, ``‖λ₂⊙Q₂‖`` of the
+    pair's query."""
+
+    maps: torch.Tensor
+    reliance: torch.Tensor
+
+
 class MSCI(XVLMModule):
     """MSCI fine-tuning for compositional zero-shot learning (module docstring: computation, evaluation, deviations).
 
@@ -595,25 +605,17 @@ class MSCI(XVLMModule):
         scores = self.score(images)
         combined = scores.combined(self.weights_choice)
         predicted = combined.argmax(dim=1)
-        levels = self.image_levels(images)
-        text = self.evaluation_prompts()
-        queries = torch.stack([text.pairs[predicted], text.states[self.pair_states[predicted]],
-                               text.objects[self.pair_objects[predicted]]], dim=1)  # [B, 3, D]
-        with torch.no_grad():
-            grid, size = tuple(self.backbone.embed_patches(images[:1]).grid), len(images)
-            first, low_maps = self.stages[0](queries.to(levels.low.dtype), levels.low, attention=True)
-            second, high_maps = self.stages[1](first, levels.high, attention=True)
+        attention = self.stage_attention(images, predicted)
+        size = len(images)
         top = combined.topk(min(5, combined.shape[1]), dim=1)
         w_p, w_a, w_o = self.weights_choice
         names = self.task.class_names
         concepts = [[f"pair: {names[k]}", f"state: {self.task.states[self.pair_states[k]]}",
                      f"object: {self.task.objects[self.pair_objects[k]]}"] for k in predicted.tolist()]
-        reliance = torch.stack([(self.fusion[0] * first[:, 0]).norm(dim=-1), (self.fusion[1] * second[:, 0]).norm(dim=-1)],
-                               dim=1)
         return out | {
-            "low_maps": low_maps[..., 1:].float().unflatten(-1, grid),  # patches only
+            "low_maps": attention.maps[:, 0],
             "low_names": concepts,
-            "high_maps": high_maps[..., 1:].float().unflatten(-1, grid),
+            "high_maps": attention.maps[:, 1],
             "high_names": concepts,
             "pairs_scores": top.values.float(),
             "pairs_names": [[names[i] for i in row] for row in top.indices.tolist()],
@@ -623,10 +625,25 @@ class MSCI(XVLMModule):
             "states_names": [list(self.task.states)] * size,
             "objects_scores": scores.objects.float(),
             "objects_names": [list(self.task.objects)] * size,
-            "level_scores": reliance.float(),
+            "level_scores": attention.reliance,
             "level_names": [["low (λ₁Q₁)", "high (λ₂Q₂)"]] * size,
             "fusion_norms": self.fusion.norm(dim=1).float(),
         }
+
+    def stage_attention(self, images: torch.Tensor, pairs: torch.Tensor) -> StageAttention:
+        """Where the queries of ``pairs [B]`` (one per image), of their states and of their objects look in each
+        stage, and how much each stage moves the pair's feature (:class:`StageAttention`)."""
+        with torch.no_grad():
+            levels, text = self.image_levels(images), self.evaluation_prompts()
+            queries = torch.stack([text.pairs[pairs], text.states[self.pair_states[pairs]],
+                                   text.objects[self.pair_objects[pairs]]], dim=1).to(levels.low.dtype)  # [B, 3, D]
+            first, low = self.stages[0](queries, levels.low, attention=True)
+            second, high = self.stages[1](first, levels.high, attention=True)
+            grid = tuple(self.backbone.embed_patches(images[:1]).grid)
+            maps = torch.stack([low, high], dim=1)[..., 1:].float().unflatten(-1, grid)  # patches only
+            reliance = torch.stack([(self.fusion[0] * first[:, 0]).norm(dim=-1),
+                                    (self.fusion[1] * second[:, 0]).norm(dim=-1)], dim=1).float()
+        return StageAttention(maps, reliance)
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
