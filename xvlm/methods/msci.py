@@ -272,9 +272,10 @@ class MSCI(XVLMModule):
         interaction: the two stages; ``False`` is the ablation "global feature only": ``T̂_k = T_k``, no
             aggregators, stages or fusion weights (and the image tokens are not computed).
         lr_step / lr_gamma: the learning rate is multiplied by ``lr_gamma`` every ``lr_step`` epochs.
-        lr / weight_decay / optimizer: re-declared for their defaults (MIT-States: Adam, 1e-4, 1e-5).
-        **kwargs: the other :class:`XVLMModule` arguments (``model``, ``pretrained``, ``input_size``, ``explainer``,
-            ``init_weights``, ``head_lr``); the CLIP towers are always frozen.
+        weight_decay / optimizer: re-declared for their defaults (MIT-States: Adam with weight decay 1e-5; the
+            base's ``lr`` 1e-4 is its learning rate).
+        **kwargs: the other :class:`XVLMModule` arguments (``model``, ``pretrained``, ``input_size``, ``lr``,
+            ``explainer``, ``init_weights``, ``head_lr``); the CLIP towers are always frozen.
     """
 
     def __init__(
@@ -302,7 +303,6 @@ class MSCI(XVLMModule):
         interaction: bool = True,
         lr_step: int = 5,
         lr_gamma: float = 0.5,
-        lr: float = 1e-4,
         weight_decay: float = 1e-5,
         optimizer: Literal["adamw", "adam", "sgd"] = "adam",
         **kwargs: Any,
@@ -312,7 +312,7 @@ class MSCI(XVLMModule):
                 raise ValueError(f"MSCI {name}={value!r}: choose 'validation' or a fixed value")
         if not weight_grid:
             raise ValueError("MSCI weight_grid is empty; give at least one (w_p, w_a, w_o)")
-        super().__init__(lr=lr, weight_decay=weight_decay, optimizer=optimizer, **kwargs)
+        super().__init__(weight_decay=weight_decay, optimizer=optimizer, **kwargs)
         backbone = self.backbone
         backbone.set_freeze("all")
         backbone.add_block_adapters(*(lambda width: BottleneckAdapter(width, adapter_dim, adapter_scale,
