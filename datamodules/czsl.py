@@ -463,7 +463,8 @@ class CZSLDataModule(ZooDataModule):
     """
 
     def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, eval_batch_size: int | None = None,
-                 num_workers: int = 4, split: str = DEFAULT_SPLIT, metadata: str | None = None, feasibility: str | None = None,
+                 num_workers: int = 4, split: str = DEFAULT_SPLIT, metadata: str | None = None,
+                 feasibility: str | None = None,
                  allow_pickle: bool = False, augment: bool = True,
                  on_bad_image: Literal["error", "skip"] = "error") -> None:
         super().__init__()

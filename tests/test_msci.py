@@ -121,7 +121,8 @@ def test_chunked_open_world_scores_equal_unchunked_ones():
     torch.testing.assert_close(chunked.pair, whole.pair)
     torch.testing.assert_close(chunked.primitive, whole.primitive)
     combined = whole.combined((0.3, 0.7, 0.7))
-    direct = 0.3 * whole.pair + (0.7 * whole.states[:, model.pair_states]) * (0.7 * whole.objects[:, model.pair_objects])
+    states, objects = whole.states[:, model.pair_states], whole.objects[:, model.pair_objects]
+    direct = 0.3 * whole.pair + (0.7 * states) * (0.7 * objects)
     torch.testing.assert_close(combined, direct)
 
 

@@ -19,7 +19,7 @@
   final run whose validation data are the test data: such a task says so, and then a chosen calibration is refused).
 - **Explanation**: :meth:`XVLMModule.explain` is the registry explainer named by ``explainer`` (default: the
   method's class attribute ``default_explainer``) on :meth:`XVLMModule.classify` (:mod:`xvlm.explain.explainers`).
-- **Optimisation**: AdamW (or Adam, or SGD) without weight decay on gains, biases and embeddings; the parts a method adds
+- **Optimisation**: AdamW (or Adam or SGD) without weight decay on gains, biases and embeddings; the parts a method adds
   (heads, prompts, adapters) may get their own learning rate ``head_lr``; linear warm-up then cosine decay.
 - **Checkpoints** record the module class (a checkpoint of another class is refused) and the RNG states (resumed
   runs continue the same random stream). ``init_weights`` starts from another run's or open_clip's weights without

@@ -193,10 +193,11 @@ def feasibility_scores(states: torch.Tensor, objects: torch.Tensor, seen: torch.
     """
     states, objects = F.normalize(states.float(), dim=-1), F.normalize(objects.float(), dim=-1)
     object_sim, state_sim = objects @ objects.T, states @ states.T  # [O, O], [A, A]
-    object_side = torch.stack([object_sim[:, row].amax(dim=1) if row.any() else object_sim.new_full((len(objects),), -1.0)
-                               for row in seen])  # [A, O]: over the objects seen with a
-    state_side = torch.stack([state_sim[:, column].amax(dim=1) if column.any() else state_sim.new_full((len(states),), -1.0)
-                              for column in seen.T]).T  # [A, O]: over the states seen with o
+    def nearest(similarity: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:  # [n, n], [n] -> [n]
+        return similarity[:, partners].amax(dim=1) if partners.any() else similarity.new_full((len(similarity),), -1.0)
+
+    object_side = torch.stack([nearest(object_sim, row) for row in seen])  # [A, O]: over the objects seen with a
+    state_side = torch.stack([nearest(state_sim, column) for column in seen.T]).T  # [A, O]: the states seen with o
     scores = 0.5 * (object_side + state_side)
     unseen = scores[~seen]
     return scores.masked_fill(seen, unseen.max() if unseen.numel() else 0.0).flatten()
