@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -31,7 +29,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
-from compare_svip import mean_std  # noqa: E402
+from comparison import over_seeds, print_comparison  # noqa: E402
 
 from datamodules.shapes import ShapesDataModule  # noqa: E402
 from xvlm.methods import MSCI, CLIPFineTune  # noqa: E402
@@ -131,25 +129,10 @@ def main() -> None:
     feasibility = shapes_feasibility(data_args, msci_args)
     methods = {"CLIPFineTune": lambda: CLIPFineTune(**clip_args), "MSCI": lambda: MSCI(**msci_args),
                "MSCI (global)": lambda: MSCI(**{**msci_args, "interaction": False})}
-    results: dict[str, list[dict[str, float]]] = {}
-    for name, build in methods.items():
-        for seed in args.seeds:
-            start = time.perf_counter()
-            row = run(build, data_args, seed, epochs, feasibility)
-            results.setdefault(name, []).append(row)
-            print(f"{name} seed {seed} ({time.perf_counter() - start:.0f} s): {row}", flush=True)
-    print(f"\nCommand: python {' '.join(sys.argv)}   ({len(args.seeds)} seeds, {epochs} epochs, "
-          f"{data_args['train_size']} images/epoch, batch {data_args['batch_size']})\n")
-    print("| method | " + " | ".join(COLUMNS) + " |")
-    print("|---|" + "---:|" * len(COLUMNS))
-    for name, rows in results.items():
-        print(f"| {name} | " + " | ".join(mean_std([r[c] for r in rows if c in r]) for c in COLUMNS) + " |")
-    print("\nPer seed:\n")
-    print("| method | seed | " + " | ".join(COLUMNS) + " |")
-    print("|---|---:|" + "---:|" * len(COLUMNS))
-    for name, rows in results.items():
-        for seed, row in zip(args.seeds, rows):
-            print(f"| {name} | {seed} | " + " | ".join(f"{row[c]:.3f}" if c in row else "–" for c in COLUMNS) + " |")
+    results = over_seeds({name: lambda seed, build=build: run(build, data_args, seed, epochs, feasibility)
+                          for name, build in methods.items()}, args.seeds)
+    print_comparison(results, args.seeds, COLUMNS, f"{len(args.seeds)} seeds, {epochs} epochs, "
+                     f"{data_args['train_size']} images/epoch, batch {data_args['batch_size']}")
 
 
 if __name__ == "__main__":

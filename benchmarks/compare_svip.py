@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
-import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning as L  # noqa: E402
 import yaml  # noqa: E402
+from comparison import over_seeds, print_comparison  # noqa: E402
 
 from datamodules.shapes import ShapesDataModule  # noqa: E402
 from xvlm.methods import SVIP, CLIPFineTune  # noqa: E402
@@ -53,13 +51,6 @@ def run(build, data_args: dict, seed: int, epochs: int, clip_value: float | None
     return {column: float(metrics[key]) for column, key in COLUMNS.items() if key in metrics}
 
 
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -72,25 +63,11 @@ def main() -> None:
     clip_args = yaml.safe_load(open(CLIP_CONFIG))["model"]["init_args"]
     methods = {"CLIPFineTune": (lambda: CLIPFineTune(**clip_args), None),
                "SVIP": (lambda: SVIP(**svip_args), config["trainer"].get("gradient_clip_val"))}
-    results: dict[str, list[dict[str, float]]] = {}
-    for name, (build, clip_value) in methods.items():
-        for seed in args.seeds:
-            start = time.perf_counter()
-            row = run(build, data_args, seed, epochs, clip_value)
-            results.setdefault(name, []).append(row)
-            print(f"{name} seed {seed} ({time.perf_counter() - start:.0f} s): {row}", flush=True)
-    print(f"\nCommand: python {' '.join(sys.argv)}   ({len(args.seeds)} seeds, {epochs} epochs, "
-          f"{data_args['train_size']} images/epoch, batch {data_args['batch_size']})\n")
-    print("| method | " + " | ".join(COLUMNS) + " |")
-    print("|---|" + "---:|" * len(COLUMNS))
-    for name, rows in results.items():
-        print(f"| {name} | " + " | ".join(mean_std([r[c] for r in rows if c in r]) for c in COLUMNS) + " |")
-    print("\nPer seed:\n")
-    print("| method | seed | " + " | ".join(COLUMNS) + " |")
-    print("|---|---:|" + "---:|" * len(COLUMNS))
-    for name, rows in results.items():
-        for seed, row in zip(args.seeds, rows):
-            print(f"| {name} | {seed} | " + " | ".join(f"{row[c]:.3f}" if c in row else "–" for c in COLUMNS) + " |")
+    runs = {name: (lambda seed, build=build, clip_value=clip_value: run(build, data_args, seed, epochs, clip_value))
+            for name, (build, clip_value) in methods.items()}
+    results = over_seeds(runs, args.seeds)
+    print_comparison(results, args.seeds, list(COLUMNS), f"{len(args.seeds)} seeds, {epochs} epochs, "
+                     f"{data_args['train_size']} images/epoch, batch {data_args['batch_size']}")
 
 
 if __name__ == "__main__":

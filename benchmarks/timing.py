@@ -32,7 +32,7 @@ def best_seconds_in_turn(passes: dict[str, Callable[[], None]], steps: int, repe
 
 def training_step(module: torch.nn.Module, batch: dict) -> Callable[[], None]:
     """One AdamW step of ``module`` on ``batch`` with the method's own loss: ``module.loss(batch)`` (CLIPFineTune)
-    or ``module.losses(batch)["loss"]`` (LICO, SVIP)."""
+    or ``module.losses(batch)["loss"]`` (LICO, SVIP, MSCI)."""
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     loss = module.loss if hasattr(module, "loss") else (lambda b: module.losses(b)["loss"])
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 import math
 import pickle
 import re
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ import cv2
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.loading import SKIP_HINT, ImageFiles, LabelledImages, Split, Unreadable, ZooDataModule
+from datamodules.loading import ImageFiles, LabelledImages, Split, Unreadable, ZooDataModule, missing_images
 from datamodules.sampling import SampleKey
 from datamodules.task import Task
 from datamodules.transforms import A, _to_clip_tensor
@@ -409,9 +408,7 @@ def check_images(kept: dict[str, list[Record]], image_root: Path, metadata: Path
     message = (f"{source}: {len(missing)} of the {len(records)} images of {metadata} are missing; the first, record "
                f"{first.index} (image {first.image!r}, set {first.split!r}), was looked for at "
                f"{image_root / first.image}. Expected {LAYOUT}: point root at the dataset folder holding images/")
-    if not skip:
-        raise FileNotFoundError(message + SKIP_HINT)
-    warnings.warn(message + "; their samples are skipped (on_bad_image: skip)")
+    missing_images(message, skip, FileNotFoundError)
 
 
 # --------------------------------------------------------------------------------------------- torch side

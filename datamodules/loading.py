@@ -71,6 +71,14 @@ PNG_START, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 SKIP_HINT = ", or drop unreadable samples with the datamodule option on_bad_image: skip"
 
 
+def missing_images(message: str, skip: bool, error: type[Exception] = ValueError) -> None:
+    """Raise ``error(message + SKIP_HINT)`` about images found missing when a datamodule is built, or with ``skip``
+    (``on_bad_image: skip``) warn that their samples are skipped."""
+    if not skip:
+        raise error(message + SKIP_HINT)
+    warnings.warn(message + "; their samples are skipped (on_bad_image: skip)")
+
+
 class BadImageError(ValueError):
     """An image file that cannot be read or decoded; the message names it and says how to fix it.
 

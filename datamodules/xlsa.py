@@ -64,11 +64,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules.cifar import stratified_holdout
 from datamodules.folder import _folder_name
 from datamodules.loading import (
-    SKIP_HINT,
     ImageFiles,
     LabelledImages,
     Split,
     ZooDataModule,
+    missing_images,
     read_rgb,
 )
 from datamodules.task import Task
@@ -308,9 +308,7 @@ def check_images(files: Sequence[Path], originals: Sequence[str], rows: np.ndarr
     message = (f"{source}: {len(missing)} of {len(rows)} images are missing under image_root={image_root!r}; the "
                f"first, {originals[first]} in res101.mat, was looked for at {files[first]}. Point image_root at the "
                f"folder holding {dataset}'s class folders ({IMAGE_ROOTS[dataset]})")
-    if not skip:
-        raise ValueError(message + SKIP_HINT)
-    warnings.warn(message + "; their samples are skipped (on_bad_image: skip)")
+    missing_images(message, skip)
 
 
 def read_cub_boxes(cub_root: str, relatives: Sequence[str], source: str) -> np.ndarray:
