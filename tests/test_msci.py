@@ -2,6 +2,8 @@
 CLIP's own text encoding, chunked open-world scoring, bf16, the feasibility formula, and checkpoints that hold the
 trainable weights and refuse another head count."""
 
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -232,3 +234,14 @@ def test_the_global_feature_ablation_has_no_stages_and_scores_every_pair():
     model.eval()
     scores, _ = _scores(model, data, "val")
     assert scores.pair.shape == (16, 64) and torch.isfinite(scores.pair).all()
+
+
+def test_a_task_without_every_pair_in_state_major_order_is_refused_for_the_open_world():
+    model, data = _msci()
+    task = data.task
+    shuffled = dataclasses.replace(task, pairs=task.pairs[::-1], class_names=task.class_names[::-1])
+    with pytest.raises(ValueError, match="not every \\(state, object\\) in state-major order"):
+        model.attach_task(shuffled)
+    given = dataclasses.replace(shuffled, extras={"feasibility": torch.zeros(len(task.pairs))})
+    model.attach_task(given)  # a feasibility file's order is the task's own: no order needed
+    assert torch.equal(model.feasibility, torch.zeros(64))

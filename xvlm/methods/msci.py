@@ -76,7 +76,7 @@ from xvlm.explain.explainers import explain_with
 from xvlm.methods.base import XVLMModule
 from xvlm.metrics import CZSLMetrics, czsl_summary, feasible_summaries
 from xvlm.ot import float32_region
-from xvlm.prompts import PrimitivePrompts
+from xvlm.prompts import PrimitivePrompts, primitive_phrase
 
 SELECTION_KEY = "xvlm_msci_selection"
 """Checkpoint entry of the inference weights and feasibility threshold chosen on validation."""
@@ -391,11 +391,14 @@ class MSCI(XVLMModule):
                                  f"pair ({len(task.pairs)})")
             return given
         states, objects = len(task.states), len(task.objects)
-        if len(task.pairs) != states * objects:
-            raise ValueError(f"{task.source} lists {len(task.pairs)} pairs, not every (state, object): MSCI's open "
-                             f"world needs all {states * objects}")
+        grid = torch.cartesian_prod(torch.arange(states), torch.arange(objects)).to(self.pair_states.device)
+        if len(task.pairs) != states * objects or not torch.equal(torch.stack([self.pair_states, self.pair_objects], 1),
+                                                                   grid):
+            raise ValueError(f"{task.source} lists {len(task.pairs)} pairs, not every (state, object) in state-major "
+                             f"order: MSCI's open world needs all {states * objects} in that order")
         with torch.no_grad():
-            names = self.backbone.encode_texts([*task.states, *task.objects]).float().cpu()
+            names = self.backbone.encode_texts([primitive_phrase(n) for n in (*task.states, *task.objects)])
+        names = names.float().cpu()
         seen = self.seen_pairs.cpu().view(states, objects)
         return feasibility_scores(names[:states], names[states:], seen)
 
