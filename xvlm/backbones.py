@@ -1022,6 +1022,23 @@ class VisionLanguageModel(nn.Module):
             AdaptedResidualAttentionBlock.adapt(block, *made)
         self.set_freeze(self.freeze)
 
+    def add_prompt_tokens(self, count: int, std: float = 0.02) -> nn.Parameter:
+        """Append ``count`` learnable tokens ``[count, W] ~ N(0, std²)`` to the image token sequence (visual prompt
+        tuning, DROR's "why" prompt): the register-token mechanism of the module docstring, so every block attends
+        over ``[c; p_1..p_count; t]`` and pooling reads only the class and patch tokens.
+
+        The tokens stay trainable whatever ``freeze`` was set before; a later :meth:`set_freeze` of the image tower
+        freezes them with it. A tower that already has register tokens takes no prompts (its registers are its own).
+        """
+        visual = self._vit("add_prompt_tokens")
+        if self.num_registers:
+            raise ValueError(f"model '{self.model_name}' already has {self.num_registers} register tokens; prompt "
+                             f"tokens need a tower without registers")
+        RegisterVisionTransformer.add_registers(visual, count)
+        with torch.no_grad():
+            visual.register_tokens.normal_(0.0, std)
+        return visual.register_tokens.requires_grad_(True)
+
     def adapter_modules(self) -> Iterator[nn.Module]:
         """The block adapters of the image tower, block by block (attention branch first)."""
         visual = self.clip.visual

@@ -51,6 +51,7 @@ from xvlm.checkpointing import (  # noqa: E402
     newest_loadable_checkpoint,
 )
 from xvlm.cli.explain import explain_command  # noqa: E402
+from xvlm.cli.transfer import transfer_command  # noqa: E402
 from xvlm.finite_loss import FiniteLoss, NonFiniteLossError  # noqa: E402
 from xvlm.methods import XVLMModule  # noqa: E402
 from xvlm.preemption import Preemption  # noqa: E402
@@ -62,8 +63,11 @@ EXPLAIN_HELP = """
 other subcommands:
     explain             Render a trained module's explanations of chosen images as PNG files, with its own
                         explainer or any --explainer NAME. Run `xvlm explain --help` for its arguments.
+    transfer            Test every trained run on every run's data (zero-shot transfer) and write the matrix of a
+                        test metric. Run `xvlm transfer --help` for its arguments.
 """
-"""Appended to ``xvlm --help``: ``explain`` is not a ``LightningCLI`` subcommand (main dispatches it first)."""
+"""Appended to ``xvlm --help``: ``explain`` and ``transfer`` are not ``LightningCLI`` subcommands (main dispatches
+them first)."""
 
 
 def run_dir(root: str, run: str) -> str:
@@ -233,7 +237,8 @@ class XVLMCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``xvlm`` console script; ``xvlm explain ...`` runs :mod:`xvlm.cli.explain`."""
+    """Entry point of the ``xvlm`` console script; ``xvlm explain ...`` runs :mod:`xvlm.cli.explain`, ``xvlm
+    transfer ...`` :mod:`xvlm.cli.transfer`."""
     argv = sys.argv[1:] if args is None else list(args)
     cli = partial(
         XVLMCLI,
@@ -247,6 +252,8 @@ def main(args: list[str] | None = None) -> None:
     )
     if argv[:1] == ["explain"]:
         explain_command(argv[1:], partial(cli, run=False))
+    elif argv[:1] == ["transfer"]:
+        transfer_command(argv[1:], partial(cli, run=False))
     elif argv[:1] in (["-h"], ["--help"]):
         try:
             cli(args=args)

@@ -95,6 +95,10 @@ class XVLMModule(L.LightningModule):
     #: LICO alike, where the former defaults (patch–prompt, Grad-CAM) point at the background; it needs only
     #: gradients, so it serves every tower. ``input_x_gradient`` is 5-10x cheaper and nearly as well placed.
     default_explainer: str = "integrated_gradients"
+    #: Whether checkpoints hold the frozen backbone's parameters. A method on a frozen tower sets it False: with
+    #: ``pretrained`` weights its checkpoints then hold the trainable parameters and the buffers only, and the frozen
+    #: ones are rebuilt from ``model`` and ``pretrained`` when a checkpoint is loaded (:meth:`full_state_dict`).
+    stores_frozen_weights: bool = True
 
     def __init__(
         self,
@@ -365,15 +369,26 @@ class XVLMModule(L.LightningModule):
         checkpoint[CLASS_KEY] = class_path(self)
         checkpoint[RNG_KEY] = capture_rng_state()
         checkpoint[CALIBRATION_KEY] = self.gzsl_calibration
+        for key in self.reproducible_keys():
+            checkpoint["state_dict"].pop(key, None)
+
+    def reproducible_keys(self) -> set[str]:
+        """State-dict names a checkpoint leaves out (:attr:`stores_frozen_weights`): the frozen backbone parameters
+        when ``pretrained`` rebuilds them, else none. Buffers stay (a frozen conv stem's BatchNorm statistics)."""
+        if self.stores_frozen_weights or self.hparams.pretrained is None:
+            return set()
+        return {name for name, p in self.backbone.named_parameters(prefix="backbone") if not p.requires_grad}
 
     def full_state_dict(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Hook: a checkpoint's ``state_dict`` completed with what the method leaves out of checkpoints because it
-        is rebuilt identically (a frozen pretrained tower); the base stores everything and returns ``stored``."""
-        return stored
+        """A checkpoint's ``state_dict`` completed with the frozen tensors it left out (:meth:`reproducible_keys`),
+        taken from this module, which rebuilt them from ``model`` and ``pretrained``."""
+        own = self.state_dict()
+        return {**{k: own[k] for k in self.reproducible_keys() - stored.keys()}, **stored}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_class(checkpoint, class_path(self))
         if RNG_KEY in checkpoint:
             restore_rng_state(checkpoint[RNG_KEY])
+        checkpoint["state_dict"] = self.full_state_dict(checkpoint["state_dict"])
         if self.hparams.calibration == "validation" and checkpoint.get(CALIBRATION_KEY) is not None:
             self.gzsl_calibration = float(checkpoint[CALIBRATION_KEY])

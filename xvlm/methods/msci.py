@@ -279,6 +279,8 @@ class MSCI(XVLMModule):
             ``explainer``, ``init_weights``, ``head_lr``); the CLIP towers are always frozen.
     """
 
+    stores_frozen_weights = False
+
     def __init__(
         self,
         adapter_dim: int = 64,
@@ -659,23 +661,8 @@ class MSCI(XVLMModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ----------------------------------------------------------------- checkpoints
-    def reproducible_keys(self) -> set[str]:
-        """State-dict names of the frozen CLIP's parameters when ``pretrained`` rebuilds them (deviation 5); else none.
-        Buffers are kept: a frozen tower's BatchNorm statistics (a conv stem's) still move in training."""
-        if self.hparams.pretrained is None:
-            return set()
-        return {name for name, p in self.backbone.named_parameters(prefix="backbone") if not p.requires_grad}
-
-    def full_state_dict(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The base's hook: ``stored`` completed with the frozen CLIP's tensors a checkpoint left out (deviation 5)."""
-        own = self.state_dict()
-        missing = self.reproducible_keys() - stored.keys()
-        return {**{k: own[k] for k in missing}, **stored}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        for key in self.reproducible_keys():
-            checkpoint["state_dict"].pop(key, None)
         checkpoint[HEADS_KEY] = self.hparams.cal_heads
         checkpoint[SELECTION_KEY] = {"weights": list(self.weights_choice), "ow_weights": list(self.open_world_choice),
                                      "threshold": self.threshold_choice}
@@ -686,7 +673,6 @@ class MSCI(XVLMModule):
         if heads is not None and heads != self.hparams.cal_heads:
             raise ValueError(f"this MSCI checkpoint was trained with cal_heads={heads}; the model is configured with "
                              f"cal_heads={self.hparams.cal_heads}: set model.init_args.cal_heads: {heads}")
-        checkpoint["state_dict"] = self.full_state_dict(checkpoint["state_dict"])
         selection = checkpoint.get(SELECTION_KEY)
         if selection is not None:
             if self.hparams.infer_weights == "validation":
