@@ -15,8 +15,14 @@ A drawn object is a *look* ``(shape, colour, pattern)``:
 
 The :class:`ShapesDataModule` serves three label spaces over the same world (``task``):
 
-- ``objects``: 8 shape classes, all seen; batches carry ``rationale`` ``[B, R]`` (multi-hot over shape facts
-  plus the sample's colour and pattern facts). Colour and pattern are random per sample.
+- ``objects``: shape classes, all seen (the 8 shapes, or the subset ``shapes`` names, in its order, so that a model
+  trained on some shapes can be tested zero-shot on others). Colour and pattern are random per sample. The task
+  publishes the category-rationale contract of ``datamodules.rationales``: ``rationale_vocab`` (the facts of its
+  shapes, then every colour fact, then every pattern fact), ``rationales`` (per class, its shape facts) and
+  ``extras["rationale_table"]`` ``[C, R]`` bool. Batches carry ``rationales`` ``[B, R]`` bool (every fact visible in
+  the image: its shape facts, its colour fact and its pattern fact) and ``rationale`` ``[B]`` long, one ground-truth
+  rationale among the class's own: ``class_rationales[index % len(class_rationales)]`` for sample ``index``, so it
+  is deterministic and every fact of a class is some samples' ground truth.
 - ``attributes``: 256 classes named ``"<colour> <pattern> <shape>"`` (``"red solid star"``: the word "solid" is
   kept so every name has the three parts); ``unseen_fraction`` of them are held out of training, never all
   classes with one colour, pattern or shape. Batches carry ``attributes`` ``[B, A]``;
@@ -330,24 +336,43 @@ class World:
                     shape=look[0], colour=look[1], pattern=look[2], size=drawing.size)
 
     def task_fields(self, raw: dict) -> dict[str, torch.Tensor]:
-        """The task-specific batch fields of a raw sample (``attributes``, ``state``/``object`` or ``rationale``)."""
+        """The task-specific batch fields of a raw sample (``attributes``, ``state``/``object``, or ``rationale``
+        and ``rationales``: see the module docstring)."""
         if self.name == "attributes":
             return {"attributes": self.task.attributes[raw["label"]]}
         if self.name == "compositions":
             return {"state": torch.tensor(raw["colour"]), "object": torch.tensor(raw["shape"])}
         vocab = self.task.rationale_vocab
-        rationale = torch.zeros(len(vocab), dtype=torch.bool)
-        rationale[[vocab.index(fact) for fact in _class_facts(raw["shape"], raw["colour"], raw["pattern"])]] = True
-        return {"rationale": rationale}
+        visible = torch.zeros(len(vocab), dtype=torch.bool)
+        visible[[vocab.index(fact) for fact in _class_facts(raw["shape"], raw["colour"], raw["pattern"])]] = True
+        own = self.task.rationales[self.task.class_names[raw["label"]]]
+        truth = vocab.index(own[raw["index"] % len(own)])
+        return {"rationale": torch.tensor(truth), "rationales": visible}
 
 
-def _objects(source: str) -> tuple[Task, np.ndarray]:
-    factors = np.array([[s, -1, -1] for s in range(len(SHAPES))])
-    shape_facts = list(dict.fromkeys(itertools.chain(*SHAPE_FACTS.values())))
+def _check_shapes(shapes: list[str] | None, source: str) -> tuple[str, ...]:
+    """The objects task's classes: ``shapes`` (checked) or every shape."""
+    if shapes is None:
+        return SHAPES
+    unknown = [shape for shape in shapes if shape not in SHAPES]
+    repeated = sorted({shape for shape in shapes if list(shapes).count(shape) > 1})
+    if unknown or repeated or not shapes:
+        problem = (f"names unknown shapes {unknown}" if unknown else
+                   f"repeats {repeated}" if repeated else "is empty")
+        raise ValueError(f"{source}: shapes={list(shapes)} {problem}; list distinct shapes among {list(SHAPES)}, "
+                         f"or leave it unset for all of them")
+    return tuple(shapes)
+
+
+def _objects(source: str, shapes: list[str] | None = None) -> tuple[Task, np.ndarray]:
+    names = _check_shapes(shapes, source)
+    factors = np.array([[SHAPES.index(shape), -1, -1] for shape in names])
+    shape_facts = list(dict.fromkeys(itertools.chain(*(SHAPE_FACTS[shape] for shape in names))))
     vocab = shape_facts + [_colour_fact(c) for c in COLOURS] + list(PATTERN_FACTS.values())
-    rationales = {shape: list(SHAPE_FACTS[shape]) for shape in SHAPES}
-    task = Task(source=source, class_names=SHAPES, seen=tuple(range(len(SHAPES))), descriptors=rationales,
-                rationales=rationales, rationale_vocab=tuple(vocab))
+    rationales = {shape: list(SHAPE_FACTS[shape]) for shape in names}
+    table = torch.tensor([[fact in rationales[shape] for fact in vocab] for shape in names], dtype=torch.bool)
+    task = Task(source=source, class_names=names, seen=tuple(range(len(names))), descriptors=rationales,
+                rationales=rationales, rationale_vocab=tuple(vocab), extras={"rationale_table": table})
     return task, factors
 
 
@@ -383,16 +408,23 @@ def _compositions(source: str, fraction: float, rng: np.random.Generator) -> tup
     return task, factors
 
 
-def build_world(task: TaskName, seed: int = 0, unseen_fraction: float = 0.25, image_size: int = 64) -> World:
+def build_world(task: TaskName, seed: int = 0, unseen_fraction: float = 0.25, image_size: int = 64,
+                shapes: list[str] | None = None) -> World:
     """The label space of ``task`` and how each split draws its classes; a pure function of the arguments.
 
     Train draws seen classes only; val and test draw every class, except in ``compositions`` where they draw
-    their own pairs (every train pair plus their half of the unseen pairs). ``objects`` has no unseen classes.
+    their own pairs (every train pair plus their half of the unseen pairs). ``objects`` has no unseen classes; its
+    classes are ``shapes`` (default: all), which other tasks refuse.
     """
     source = f"ShapesDataModule(task='{task}')"
+    if shapes is not None and task != "objects":
+        raise ValueError(f"{source}: shapes={shapes!r} chooses the classes of task='objects' only; leave shapes unset "
+                         f"for task={task!r}")
+    if shapes is not None:
+        source = f"ShapesDataModule(task='objects', shapes={list(shapes)!r})"
     rng = _rng(seed, "classes")
     if task == "objects":
-        published, factors = _objects(source)
+        published, factors = _objects(source, shapes)
     elif task == "attributes":
         published, factors = _attributes(source, unseen_fraction, rng)
     elif task == "compositions":
@@ -448,14 +480,18 @@ class ShapesDataModule(ZooDataModule):
         unseen_fraction: share of classes (attributes) or pairs (compositions) held out of training; objects
             ignores it.
         augment: apply the mild geometric training augmentation.
+        shapes: the classes of the ``objects`` task, a subset of :data:`SHAPES` in the order given (None: all); its
+            rationale vocabulary holds the facts of these shapes plus every colour and pattern fact. Other tasks
+            refuse it.
     """
 
     def __init__(self, task: TaskName = "attributes", image_size: int = 64, batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0, train_size: int = 4096, val_size: int = 512,
-                 test_size: int = 512, unseen_fraction: float = 0.25, augment: bool = True) -> None:
+                 test_size: int = 512, unseen_fraction: float = 0.25, augment: bool = True,
+                 shapes: list[str] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.world = build_world(task, seed, unseen_fraction, image_size)
+        self.world = build_world(task, seed, unseen_fraction, image_size, shapes)
         self.task: Task = self.world.task
 
     def build_dataset(self, split: Split) -> ShapesDataset:

@@ -28,7 +28,8 @@ class Task:
         pairs: every ``(state, object)`` composition, indexed like ``class_names``.
         train_pairs / val_pairs / test_pairs: indices into ``pairs`` of the compositions each split contains.
         rationales: per class name, the visual facts that justify it.
-        rationale_vocab: names of the ``R`` columns of the per-sample ``rationale`` batch field.
+        rationale_vocab: names of the ``R`` rationales: the columns of the per-sample ``rationales`` batch field and
+            the values of its ``rationale`` index.
     """
 
     source: str

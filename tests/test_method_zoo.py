@@ -35,6 +35,8 @@ KNOWN_KEYS = {
     "lico": {"val/acc", "val/seen_top1", "train/ce", "train/mm", "train/ot", "saliency/insertion",
              "saliency/deletion", "saliency/overall", "saliency/mass_in_mask", "saliency/pointing",
              "lazsl/unseen_top1"},
+    "ecor": {"val/RR", "val/RW", "val/WR", "val/WW", "val/compat_RR", "val/acc", "train/category", "train/rationale",
+             "lazsl/S"},
     "msci": {"val/czsl_auc", "val/czsl_hm", "val/best_seen", "val/best_unseen", "val/state_acc", "val/object_acc",
              "val/ow_czsl_auc", "val/ow_threshold", "val/w_pair", "train/pair", "train/state", "train/object",
              "lazsl/unseen_top1"},
@@ -128,11 +130,12 @@ def test_method_fits_resumes_validates_explains_and_scores_zero_shot(tmp_path, c
     if encoder is None:
         return
     task = datamodule.task
-    names = [task.class_names[k] for k in task.unseen]
+    scored = task.unseen or range(task.num_classes)  # a task without unseen classes: every class
+    names = [task.class_names[k] for k in scored]
     sentences, mask = descriptor_sentences(names, task.descriptors)
     settings = LaZSLSettings(n_crops=4)
     with torch.no_grad():
         text = encode_descriptors(encoder, sentences, mask)
         out = score_images(encoder, batch["image"], batch["index"], text, mask, settings)
-    assert out.scores.shape == (len(batch["image"]), len(task.unseen))
+    assert out.scores.shape == (len(batch["image"]), len(names))
     assert bool(out.scores.isfinite().all()) and bool(out.dclip_scores.isfinite().all())

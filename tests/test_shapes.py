@@ -13,7 +13,7 @@ from scipy.spatial import ConvexHull
 
 from datamodules import ShapesDataModule
 from datamodules.sampling import EpochSampler, ResumableLoader
-from datamodules.shapes import render
+from datamodules.shapes import SHAPES, render
 from datamodules.transforms import CLIP_MEAN, CLIP_STD
 
 TASKS = ("objects", "attributes", "compositions")
@@ -176,7 +176,7 @@ def test_objects_task_has_no_pairs_and_says_so():
 def test_batches_have_the_contract_keys_and_types(datamodule):
     batch = next(iter(datamodule.train_dataloader()))
     task = datamodule.task
-    extra = {"objects": {"rationale"}, "attributes": {"attributes"}, "compositions": {"state", "object"}}
+    extra = {"objects": {"rationale", "rationales"}, "attributes": {"attributes"}, "compositions": {"state", "object"}}
     assert set(batch) == {"image", "label", "mask", "index", "seen"} | extra[datamodule.hparams.task]
     assert batch["image"].shape == (16, 3, 64, 64) and batch["image"].dtype == torch.float32
     assert batch["mask"].shape == (16, 64, 64) and batch["mask"].dtype == torch.bool
@@ -189,8 +189,9 @@ def test_batches_have_the_contract_keys_and_types(datamodule):
         pairs = [task.pairs[label] for label in batch["label"].tolist()]
         assert [task.states[s] for s in batch["state"].tolist()] == [state for state, _ in pairs]
         assert [task.objects[o] for o in batch["object"].tolist()] == [obj for _, obj in pairs]
-    if "rationale" in batch:
-        assert batch["rationale"].shape == (16, len(task.rationale_vocab)) and batch["rationale"].dtype == torch.bool
+    if "rationales" in batch:
+        assert batch["rationales"].shape == (16, len(task.rationale_vocab)) and batch["rationales"].dtype == torch.bool
+        assert batch["rationale"].shape == (16,) and batch["rationale"].dtype == torch.long
 
 
 def test_train_batches_hold_only_seen_classes_and_eval_batches_flag_seen(datamodule):
@@ -212,20 +213,75 @@ def test_composition_eval_splits_draw_their_own_pairs():
         assert set(labels.tolist()) == set(pairs)
 
 
-def test_rationale_marks_shape_facts_and_the_visible_colour_and_pattern():
+def test_rationales_mark_shape_facts_and_the_visible_colour_and_pattern():
     dm = ShapesDataModule(task="objects", **SMALL)
     dm.setup("validate")
     task, vocab = dm.task, dm.task.rationale_vocab
     colour_facts = [fact for fact in vocab if fact.endswith(" colour")]
     for index in range(24):
         item, raw = dm.datasets["val"][index], dm.raw_sample("val", index)
-        marked = {vocab[k] for k in torch.nonzero(item["rationale"]).flatten().tolist()}
+        marked = {vocab[k] for k in torch.nonzero(item["rationales"]).flatten().tolist()}
         shape_facts = set(task.rationales[task.class_names[item["label"]]])
         assert shape_facts <= marked and len(marked) == len(shape_facts) + 2
         (colour,) = [fact.split()[0] for fact in marked & set(colour_facts)]
         object_pixels = raw["image"][raw["mask"]]
         assert np.median(_hue_error(object_pixels.astype(float), colour)) < 15
         assert ("uniform fill" in marked) == (len(np.unique(object_pixels, axis=0)) == 1)
+
+
+def test_ground_truth_rationale_is_one_of_the_class_facts_cycled_by_index():
+    dm = ShapesDataModule(task="objects", **SMALL)
+    dm.setup("validate")
+    task, vocab = dm.task, dm.task.rationale_vocab
+    chosen = set()
+    for batch in dm.val_dataloader():
+        for index, label, rationale, marked in zip(batch["index"].tolist(), batch["label"].tolist(),
+                                                   batch["rationale"].tolist(), batch["rationales"]):
+            own = task.rationales[task.class_names[label]]
+            assert vocab[rationale] == own[index % len(own)] and marked[rationale]
+            chosen.add((label, rationale))
+    assert len(chosen) > len(task.class_names), "several facts of a class should serve as ground truth"
+
+
+def test_rationale_table_agrees_with_the_class_rationales():
+    task = ShapesDataModule(task="objects").task
+    table = task.extras["rationale_table"]
+    assert table.shape == (len(task.class_names), len(task.rationale_vocab)) and table.dtype == torch.bool
+    for c, name in enumerate(task.class_names):
+        assert [task.rationale_vocab[r] for r in torch.nonzero(table[c]).flatten().tolist()] == sorted(
+            task.rationales[name], key=task.rationale_vocab.index)
+    assert task.descriptors == task.rationales
+    assert all(table.sum(1) >= 3) and table.sum(0)[:-12].ge(1).all(), "every shape fact belongs to some class"
+
+
+def test_shapes_option_restricts_the_classes_and_the_vocabulary():
+    full = ShapesDataModule(task="objects", **SMALL)
+    dm = ShapesDataModule(task="objects", shapes=["star", "circle"], **SMALL)
+    task = dm.task
+    assert task.class_names == ("star", "circle") and task.seen == (0, 1) and task.unseen == ()
+    assert set(task.rationales) == {"star", "circle"} and task.rationales["star"] == full.task.rationales["star"]
+    shape_facts = [fact for fact in task.rationale_vocab if not fact.endswith(" colour")][:-4]
+    assert set(shape_facts) == set(task.rationales["star"]) | set(task.rationales["circle"])
+    assert "four arms" not in task.rationale_vocab and len(task.rationale_vocab) == len(shape_facts) + 12
+    assert task.extras["rationale_table"].shape == (2, len(task.rationale_vocab))
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch["label"].tolist()) == {0, 1} and batch["rationales"].shape[1] == len(task.rationale_vocab)
+    for index, label in zip(batch["index"].tolist(), batch["label"].tolist()):
+        assert SHAPES[dm.raw_sample("val", index)["shape"]] == task.class_names[label]
+    assert full.task.class_names == ShapesDataModule(task="objects", shapes=None).task.class_names
+
+
+@pytest.mark.parametrize("task, shapes, expected", [
+    ("objects", ["star", "oval"], ["['star', 'oval']", "unknown shapes ['oval']", "circle", "crescent"]),
+    ("objects", ["star", "star"], ["repeats ['star']"]),
+    ("objects", [], ["is empty"]),
+    ("attributes", ["star"], ["task='objects' only", "task='attributes'"]),
+])
+def test_bad_shapes_option_is_explained(task, shapes, expected):
+    with pytest.raises(ValueError) as error:
+        ShapesDataModule(task=task, shapes=shapes)
+    assert all(text in str(error.value) for text in expected), str(error.value)
 
 
 def test_train_classes_are_balanced():

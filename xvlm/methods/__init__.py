@@ -2,8 +2,9 @@
 
 from xvlm.methods.base import XVLMModule
 from xvlm.methods.clip import CLIPFineTune
+from xvlm.methods.ecor import ECOR
 from xvlm.methods.lico import LICO
 from xvlm.methods.msci import MSCI
 from xvlm.methods.svip import SVIP
 
-__all__ = ["XVLMModule", "CLIPFineTune", "LICO", "MSCI", "SVIP"]
+__all__ = ["XVLMModule", "CLIPFineTune", "ECOR", "LICO", "MSCI", "SVIP"]
