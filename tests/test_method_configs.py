@@ -84,11 +84,11 @@ PANELS = {"lico": 2, "svip": 11, "msci": 12, "ecor": 6}
 attribute maps and the attribute and margin rankings; MSCI its 2 x 3 stage attention maps (low/high level x
 pair/state/object) and the pair, state, object and level rankings; ECOR its rankings of rationales, of pair
 sentences and of the rationales of the predicted and of the true category. ``make test`` renders MSCI's (the
-most maps) and ECOR's (the bar charts); every method's ``explain`` output is checked in process by
-``test_method_zoo``; ``make test-all`` renders every one."""
+most panels); every method's ``explain`` output is checked in process by ``test_method_zoo``; ``make test-all``
+renders every one."""
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m in ("msci", "ecor") else pytest.mark.slow)
+@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m == "msci" else pytest.mark.slow)
                                     for m in sorted(PANELS)])
 def test_explain_renders_a_checkpoints_maps_as_png_files(tmp_path, method):
     run = shrunk(CONFIGS / method / "shapes.yaml")
