@@ -1,12 +1,10 @@
 """The CZSL evaluator: per-sample summaries against the full-matrix protocol (MSCI spec §6), and its DDP reduction."""
 
 import math
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from two_processes import on_two_processes
 
 from xvlm.metrics import CZSLMetrics, czsl_report, czsl_summary, feasible_summaries, report_from_summary
 
@@ -186,28 +184,17 @@ def test_no_samples_report_zeros_and_reset_empties_the_metric():
     assert all(float(value) == 0.0 for value in metric.compute().values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, port, problem, expected):
+def _ddp_worker(rank, problem, expected):
     """Rank 0 scores the first 53 samples, rank 1 the other 77; a second metric is updated on rank 0 only."""
     scores, target, seen_pairs, in_space, states, objects = problem
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        shared, lone = CZSLMetrics(seen_pairs, states, objects), CZSLMetrics(seen_pairs, states, objects)
-        rows = torch.arange(130)[:53] if rank == 0 else torch.arange(130)[53:]
-        for chunk in rows.split(20):
-            shared.update_scores(scores[chunk], target[chunk], in_space)
-            if rank == 0:
-                lone.update_scores(scores[chunk], target[chunk], in_space)
-        assert {key: float(value) for key, value in shared.compute().items()} == expected["all"], rank
-        assert {key: float(value) for key, value in lone.compute().items()} == expected["first"], rank
-    finally:
-        dist.destroy_process_group()
+    shared, lone = CZSLMetrics(seen_pairs, states, objects), CZSLMetrics(seen_pairs, states, objects)
+    rows = torch.arange(130)[:53] if rank == 0 else torch.arange(130)[53:]
+    for chunk in rows.split(20):
+        shared.update_scores(scores[chunk], target[chunk], in_space)
+        if rank == 0:
+            lone.update_scores(scores[chunk], target[chunk], in_space)
+    assert {key: float(value) for key, value in shared.compute().items()} == expected["all"], rank
+    assert {key: float(value) for key, value in lone.compute().items()} == expected["first"], rank
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -220,5 +207,4 @@ def test_two_processes_report_what_one_process_reports_on_all_samples():
         "first": czsl_report(scores[first], target[first], seen_pairs, in_space, states, objects),
     }
     expected = {name: {key: float(value) for key, value in report.items()} for name, report in expected.items()}
-    # fork, not spawn: a spawned process spends ~10 s importing torch and xvlm again on this 2-core machine
-    mp.start_processes(_ddp_worker, args=(_free_port(), problem, expected), nprocs=2, start_method="fork")
+    on_two_processes(_ddp_worker, problem, expected)

@@ -1,12 +1,10 @@
 """Doubly-right metrics (ECOR spec §6): the strict scorer against a literal reading of the protocol, DROR's compat
 scorer on its quirks, and the Metric's reduction over batches and processes."""
 
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from two_processes import on_two_processes
 
 from xvlm.metrics import (
     DoublyRightMetrics,
@@ -245,29 +243,18 @@ def test_no_samples_give_zeros_and_reset_empties_the_metric():
         metric.update(torch.tensor([5]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, port, problem, expected):
+def _ddp_worker(rank, problem, expected):
     """Rank 0 scores the first 53 samples, rank 1 the other 77; a second metric is updated on rank 0 only."""
     joint, target, true_rationales, candidates = problem
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        shared, lone = DoublyRightMetrics(), DoublyRightMetrics()
-        rows = torch.arange(130)[:53] if rank == 0 else torch.arange(130)[53:]
-        for chunk in rows.split(20):
-            top_c, top_r = top_pairs(joint[chunk], candidates)
-            shared.update_topk(top_c, top_r, target[chunk], true_rationales[chunk])
-            if rank == 0:
-                lone.update_topk(top_c, top_r, target[chunk], true_rationales[chunk])
-        assert {key: float(value) for key, value in shared.compute().items()} == expected["all"], rank
-        assert {key: float(value) for key, value in lone.compute().items()} == expected["first"], rank
-    finally:
-        dist.destroy_process_group()
+    shared, lone = DoublyRightMetrics(), DoublyRightMetrics()
+    rows = torch.arange(130)[:53] if rank == 0 else torch.arange(130)[53:]
+    for chunk in rows.split(20):
+        top_c, top_r = top_pairs(joint[chunk], candidates)
+        shared.update_topk(top_c, top_r, target[chunk], true_rationales[chunk])
+        if rank == 0:
+            lone.update_topk(top_c, top_r, target[chunk], true_rationales[chunk])
+    assert {key: float(value) for key, value in shared.compute().items()} == expected["all"], rank
+    assert {key: float(value) for key, value in lone.compute().items()} == expected["first"], rank
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -281,5 +268,4 @@ def test_two_processes_report_what_one_process_reports_on_all_samples():
     }
     expected = {name: {key: float(value) for key, value in report.items()} for name, report in expected.items()}
     assert expected["all"] != expected["first"]  # the reduction has something to do
-    # fork, not spawn: a spawned process spends ~10 s importing torch and xvlm again on this 2-core machine
-    mp.start_processes(_ddp_worker, args=(_free_port(), problem, expected), nprocs=2, start_method="fork")
+    on_two_processes(_ddp_worker, problem, expected)

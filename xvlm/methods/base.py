@@ -269,6 +269,13 @@ class XVLMModule(L.LightningModule):
         feats = torch.stack([self.backbone.encode_texts(self.class_prompts(t, classes)) for t in self.templates])
         return F.normalize(feats.mean(dim=0), dim=-1)
 
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Log every term of the method's :meth:`losses` under ``train/`` and return its ``loss`` (a method with a
+        single loss overrides this)."""
+        out = self.losses(batch)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True)
+        return out["loss"]
+
     # ----------------------------------------------------------------- evaluation
     def on_train_start(self) -> None:
         self.val_metrics.reset()

@@ -394,11 +394,6 @@ class ECOR(XVLMModule):
         out["loss"] = sum(v for k, v in out.items() if k != "acc")
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.losses(batch)
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True)
-        return out["loss"]
-
     # ----------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict[str, Any], metric: Any, prefix: str) -> None:
         """The top-``k`` pairs of the batch scored by both doubly-right scorers, and the top pair's accuracy."""

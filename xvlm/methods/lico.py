@@ -309,7 +309,3 @@ class LICO(XVLMModule):
         out["acc"] = (logits.argmax(dim=1) == target).float().mean()
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.losses(batch)
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True)
-        return out["loss"]

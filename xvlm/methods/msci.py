@@ -520,11 +520,6 @@ class MSCI(XVLMModule):
         out["acc"] = (z_c.argmax(dim=1) == target).float().mean()
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.losses(batch)
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True)
-        return out["loss"]
-
     # ----------------------------------------------------------------- evaluation
     def _choosing(self, prefix: str) -> bool:
         return prefix == "val"

@@ -413,11 +413,6 @@ class SVIP(XVLMModule):
         out["selector_agreement"] = (top_mask(-unrelated.detach(), self.keep) == kept).float().mean()
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.losses(batch)
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True)
-        return out["loss"]
-
     # ----------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict[str, Any], metric: Any, prefix: str) -> None:
         """GZSL metrics of the inference pass and, with object masks, the precision of the kept super-patches."""
