@@ -3,7 +3,9 @@ Shapes config (32 px). A method added to ``xvlm.methods.__all__`` with a ``confi
 without editing this file.
 
 - ``xvlm validate`` of the shipped Shapes backbone on 1 and on 2 processes logs the same metrics (every metric over
-  the whole validation set, 15 images: unequal shards, no sample counted twice);
+  the whole validation set, 15 images: unequal shards, no sample counted twice): the baseline in ``make test``, every
+  method in ``make test-all`` (the CZSL, doubly-right and LaZSL metrics' own two-process reductions are in
+  ``make test``: ``test_czsl_metrics``, ``test_rationale_metrics``, ``test_lazsl_ddp``);
 - a run pre-empted on 2 processes (SIGTERM to rank 0 only: the ranks agree to stop after the same step) resumes
   on 1 process, and a 1-process run resumes on 2, each continuing the interrupted epoch with the samples the
   interrupted run had not consumed.
@@ -83,7 +85,7 @@ def test_every_trainable_parameter_gets_a_gradient_so_plain_ddp_accepts_the_meth
     assert unused.names == []
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("config", shared_machinery(CONFIGS))
 def test_two_processes_log_the_single_process_metrics(config, tmp_path):
     """The shipped Shapes backbone (built once, before the processes start, where every test finds it)."""
     VisionLanguageModel("xvlm-tiny", pretrained="shapes")

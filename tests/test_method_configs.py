@@ -83,13 +83,13 @@ PANELS = {"lico": 2, "svip": 11, "msci": 12, "ecor": 6}
 """Panels ``xvlm explain`` draws per image: the image and the saliency; SVIP adds its 3 selection maps, its top 4
 attribute maps and the attribute and margin rankings; MSCI its 2 x 3 stage attention maps (low/high level x
 pair/state/object) and the pair, state, object and level rankings; ECOR its rankings of rationales, of pair
-sentences and of the rationales of the predicted and of the true category. ``make test`` renders MSCI's (the
-most panels); every method's ``explain`` output is checked in process by ``test_method_zoo``; ``make test-all``
-renders every one."""
+sentences and of the rationales of the predicted and of the true category. ``make test-all`` renders every one;
+``make test`` checks every method's ``explain`` output in process (``test_method_zoo``) and the command itself
+(``test_explain``)."""
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m == "msci" else pytest.mark.slow)
-                                    for m in sorted(PANELS)])
+@pytest.mark.slow  # the CLI's explain is tested in make test by test_explain.py; each method's PNG here
+@pytest.mark.parametrize("method", sorted(PANELS))
 def test_explain_renders_a_checkpoints_maps_as_png_files(tmp_path, method):
     run = shrunk(CONFIGS / method / "shapes.yaml")
     run["trainer"]["callbacks"] = []

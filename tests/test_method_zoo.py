@@ -47,8 +47,8 @@ KNOWN_KEYS = {
 
 def shared_machinery(configs: list[Path]) -> list:
     """``configs`` as parameters of a check of machinery every method shares (the CLI's signals, the loaders'
-    positions, resuming across process counts): the baseline's (``clip``) runs in ``make test``, every method's in
-    ``make test-all`` (marked slow)."""
+    positions, resuming across process counts, two-process metrics): the baseline's (``clip``) runs in ``make test``,
+    every method's in ``make test-all`` (marked slow)."""
     return [pytest.param(c, id=c.parent.name, marks=() if c.parent.name == "clip" else pytest.mark.slow)
             for c in configs]
 
