@@ -177,7 +177,7 @@ def test_losses_train_every_part_and_score_seen_classes_only(shapes):
     blocks = module.backbone.clip.visual.transformer.resblocks
     assert blocks[0].attn.in_proj_weight.grad.abs().sum() > 0
     assert module.backbone.logit_scale.grad is None and module.backbone.clip.visual.proj.grad is None
-    target = module.seen_targets(train["label"])
+    target = module.seen_targets(train)
     assert int(target.max()) < len(shapes.task.seen)
 
 

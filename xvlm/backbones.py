@@ -2,17 +2,25 @@
 
 Construction has one factory with explicit precedence for ``pretrained``:
 
-1. ``None`` — random initialisation;
-2. a name in :data:`LOCAL_SOURCES` — a backbone this project provides itself; a module registers a resolver
+0. a model name with a source, ``hf-hub:<org>/<repo>`` or ``local-dir:<folder>`` (open_clip's hub layout, what
+   ``xvlm export`` writes, :mod:`xvlm.hub_folder`), takes its config and weights from that source: ``pretrained``
+   must then be unset (``None``, or the default ``auto``), and any other value is an error naming both. open_clip
+   downloads hub files into the Hugging Face cache (``HF_HOME``) on first use; with ``HF_HUB_OFFLINE=1`` it reads
+   that cache only and fails, naming the file, when it is not there;
+1. ``auto`` (the default) — ``shapes`` for the project's own architectures (``xvlm/model_configs/``), nothing for
+   a model name with a source; any other architecture has no default weights (an error asks for ``pretrained``);
+2. ``None`` — random initialisation;
+3. a name in :data:`LOCAL_SOURCES` — a backbone this project provides itself; a module registers a resolver
    ``model_name -> weights file`` with :func:`register_source` (``xvlm.shapes_pretraining`` registers
    ``"shapes"``, which builds and caches its backbones under ``checkpoints/backbones/``);
-3. a path to an existing file — an open_clip state dict, loaded with ``weights_only=True``;
-4. anything else — an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``, ...), downloaded by open_clip.
+4. a path to an existing file — an open_clip state dict, loaded with ``weights_only=True``;
+5. anything else — an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``, ...), downloaded by open_clip.
 
 Architectures are open_clip JSON configs. The project registers its own from ``xvlm/model_configs/``; a config
 listed in :data:`CONV_STEMS` gets its ViT patch embedding replaced by a small convolutional stem (hybrid ViT,
 Xiao et al. 2021, "Early convolutions help transformers see better") of the same total stride, which is what
-lets a four-layer ViT tell shapes apart on 64-px images.
+lets a four-layer ViT tell shapes apart on 64-px images. A ``local-dir:`` folder written by ``xvlm export`` for
+such towers names its stem and register tokens in its config (:func:`tower_changes`, :mod:`xvlm.hub_folder`).
 
 **Register tokens.** A config listed in :data:`REGISTER_TOKENS` gets ``R`` learned tokens (Darcet et al. 2024,
 "Vision Transformers Need Registers"): its image tower becomes a :class:`RegisterVisionTransformer` (the
@@ -110,6 +118,8 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from xvlm.hub_folder import folder_weights, xvlm_entry
+
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
@@ -117,6 +127,11 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 Freeze = Literal["none", "image", "text", "all"]
+
+AUTO = "auto"
+"""Default ``pretrained``: ``shapes`` for the project's architectures, nothing for a model name with a source."""
+SOURCE_PREFIXES = ("hf-hub:", "local-dir:")
+"""Model names that bring their own config and weights (open_clip's schemas)."""
 
 #: Per-channel mean and standard deviation of the pixels CLIP towers were trained on (open_clip's constants).
 CLIP_MEAN: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN
@@ -133,6 +148,32 @@ CONV_STEMS: dict[str, tuple[int, ...]] = {
 REGISTER_TOKENS: dict[str, int] = {
     "xvlm-tiny-reg": 4,
 }
+
+
+
+@dataclass(frozen=True)
+class TowerChanges:
+    """What :func:`create_clip` changes in the model open_clip builds from an architecture's config.
+
+    Attributes:
+        conv_stem: channels of the convolutional stem that replaces the ViT's patch embedding (:func:`conv_stem`),
+            or None.
+        registers: ``R`` register (or prompt) tokens of the image tower (:class:`RegisterVisionTransformer`).
+    """
+
+    conv_stem: tuple[int, ...] | None = None
+    registers: int = 0
+
+
+def tower_changes(model: str) -> TowerChanges:
+    """The changes of ``model``: the ``xvlm`` entry of a ``local-dir:`` folder's config (:mod:`xvlm.hub_folder`),
+    else :data:`CONV_STEMS` and :data:`REGISTER_TOKENS` by name."""
+    entry = xvlm_entry(model)
+    if entry is None:
+        return TowerChanges(CONV_STEMS.get(model), REGISTER_TOKENS.get(model, 0))
+    stem = entry.get("conv_stem")
+    return TowerChanges(tuple(int(c) for c in stem) if stem else None, int(entry.get("register_tokens", 0)))
+
 
 #: Pretrained sources this project provides itself: name -> resolver(model_name) returning a local weights file.
 #: Filled by :func:`register_source`.
@@ -281,7 +322,7 @@ def available_models() -> list[str]:
 
 
 def _check_model_name(model: str) -> None:
-    if model.startswith(("hf-hub:", "local-dir:")) or model in open_clip.list_models():
+    if model.startswith(SOURCE_PREFIXES) or model in open_clip.list_models():
         return
     raise ValueError(
         f"Unknown model '{model}'. Available open_clip architectures: {', '.join(available_models())}. "
@@ -290,7 +331,17 @@ def _check_model_name(model: str) -> None:
 
 
 def _resolve_pretrained(model: str, pretrained: str | None) -> tuple[str | None, str | None]:
-    """Return ``(local_file, open_clip_tag)``; at most one is set. Raises a clear error for unknown values."""
+    """Return ``(local_file, open_clip_tag)``; at most one is set. Raises a clear error for unknown values and for
+    ``pretrained`` given with a model name that has its own source (module docstring)."""
+    if model.startswith(SOURCE_PREFIXES):
+        if pretrained not in (None, AUTO):
+            raise ValueError(f"model={model!r} takes its weights from that source, so pretrained must be unset, but "
+                             f"pretrained={pretrained!r} is set as well. Drop pretrained (or set it to null) to use "
+                             f"the weights of {model!r}, or name an open_clip architecture as model to load "
+                             f"pretrained={pretrained!r} into it.")
+        return None, None
+    if pretrained == AUTO:
+        pretrained = _default_pretrained(model)
     if pretrained is None:
         return None, None
     if pretrained in LOCAL_SOURCES:
@@ -309,6 +360,16 @@ def _resolve_pretrained(model: str, pretrained: str | None) -> tuple[str | None,
     )
 
 
+def _default_pretrained(model: str) -> str:
+    """What ``pretrained='auto'`` means for an architecture without a source: ``shapes`` for the project's own."""
+    if (MODEL_CONFIG_DIR / f"{model}.json").is_file():
+        return "shapes"
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    raise ValueError(f"model '{model}' has no default weights (pretrained='auto' builds the Shapes backbone of the "
+                     f"project's own architectures only): set pretrained to an open_clip tag of this model "
+                     f"({tags or 'none'}), a weights file, or null for random initialisation.")
+
+
 @contextmanager
 def _silenced_warnings(active: bool) -> Iterator[None]:
     """Disable logging warnings inside the block when ``active``."""
@@ -323,19 +384,30 @@ def _silenced_warnings(active: bool) -> Iterator[None]:
 
 
 def create_clip(model: str, pretrained: str | None = None, image_size: int | None = None) -> nn.Module:
-    """Build the open_clip model ``model`` (with its conv stem, if any) and load ``pretrained`` (module docstring)."""
+    """Build the open_clip model ``model`` with its :func:`tower_changes` (conv stem, register tokens) and load
+    ``pretrained`` (module docstring).
+
+    A ``local-dir:`` folder whose config has an ``xvlm`` entry (towers open_clip cannot build alone,
+    :mod:`xvlm.hub_folder`) is built by open_clip from its ``model_cfg`` without weights, changed as the entry says,
+    then loaded from the folder's weights file.
+    """
     _check_model_name(model)
     local_file, tag = _resolve_pretrained(model, pretrained)
+    changes = tower_changes(model)
+    exported_by_xvlm = xvlm_entry(model) is not None
+    if exported_by_xvlm:
+        local_file = str(folder_weights(model))
     with _silenced_warnings(local_file is not None):  # open_clip warns "initialized randomly" before we load
-        clip = open_clip.create_model(model, pretrained=tag, force_image_size=image_size)
-    if model in CONV_STEMS:
+        clip = open_clip.create_model(model, pretrained=tag, force_image_size=image_size,
+                                      load_weights=not exported_by_xvlm)
+    if changes.conv_stem is not None:
         visual = clip.visual
-        visual.conv1 = conv_stem(visual.conv1.out_channels, visual.patch_size[0], CONV_STEMS[model])
-    if model in REGISTER_TOKENS:
+        visual.conv1 = conv_stem(visual.conv1.out_channels, visual.patch_size[0], changes.conv_stem)
+    if changes.registers:
         if not isinstance(clip.visual, VisionTransformer):
-            raise ValueError(f"REGISTER_TOKENS lists '{model}', whose image tower is a "
-                             f"{type(clip.visual).__name__}, not an open_clip ViT")
-        RegisterVisionTransformer.add_registers(clip.visual, REGISTER_TOKENS[model])
+            raise ValueError(f"model '{model}' asks for {changes.registers} register tokens, but its image tower is "
+                             f"a {type(clip.visual).__name__}, not an open_clip ViT")
+        RegisterVisionTransformer.add_registers(clip.visual, changes.registers)
     if local_file is not None:
         open_clip.load_checkpoint(clip, local_file, weights_only=True)
     return clip
@@ -662,8 +734,10 @@ class VisionLanguageModel(nn.Module):
     """An open_clip model (or an open_clip text tower with a timm image tower) with the encoders xvlm methods need.
 
     Args:
-        model: open_clip architecture name (``ViT-B-16``, ``RN50``, ``xvlm-tiny``, ...).
-        pretrained: weights source of ``model``, resolved as in the module docstring.
+        model: open_clip architecture name (``ViT-B-16``, ``RN50``, ``xvlm-tiny``, ...), or a model with its own
+            config and weights: ``hf-hub:<org>/<repo>``, ``local-dir:<folder>`` (e.g. what ``xvlm export`` wrote).
+        pretrained: weights source of ``model``, resolved as in the module docstring (``auto``: ``shapes`` for the
+            project's architectures, unset for ``hf-hub:``/``local-dir:`` names, which take no other value).
         freeze: which tower stays fixed: ``none``, ``image`` (the image tower in use), ``text`` or ``all`` (both
             and the logit scale). Block adapters always train.
         image_size: input side in pixels; defaults to the architecture's (positional embeddings of loaded
@@ -678,7 +752,7 @@ class VisionLanguageModel(nn.Module):
     def __init__(
         self,
         model: str = "xvlm-tiny",
-        pretrained: str | None = "shapes",
+        pretrained: str | None = AUTO,
         freeze: Freeze = "none",
         image_size: int | None = None,
         image_encoder: str = "clip",
@@ -809,16 +883,18 @@ class VisionLanguageModel(nn.Module):
         pool = getattr(self.text, "text_pool_type", getattr(self.text, "pool_type", None))
         return pool == "argmax" and getattr(self.text, "attn_mask", None) is not None
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True, length: int | None = None) -> torch.Tensor:
         """``[T, L]`` token ids -> ``[T, D]`` projected text features (unit norm when ``normalize``).
 
         For a causal tower pooled at the end-of-text token this is
-        ``encode_prompt_embeddings(token_embeddings(tokens), argmax(tokens))``, which skips the padding after the
-        longest text (CLIP's own ``encode_text`` runs all ``L`` positions; the features agree to rounding).
+        ``encode_prompt_embeddings(token_embeddings(tokens), argmax(tokens), length=length)``, which skips the
+        padding after the longest text (CLIP's own ``encode_text`` runs all ``L`` positions; the features agree to
+        rounding). ``length`` (at least the longest text's end-of-text position + 1) saves reading that position
+        back from the device.
         """
         if not self.pools_causal_eot:
             return self.clip.encode_text(tokens, normalize=normalize)
-        return self.encode_prompt_embeddings(self.token_embeddings(tokens), tokens.argmax(dim=-1), normalize)
+        return self.encode_prompt_embeddings(self.token_embeddings(tokens), tokens.argmax(dim=-1), normalize, length)
 
     def encode_texts(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
         """Tokenize and encode ``T`` strings: ``[T, D]``."""
@@ -829,18 +905,20 @@ class VisionLanguageModel(nn.Module):
         return self.text.token_embedding(tokens)
 
     def encode_prompt_embeddings(
-        self, embeddings: torch.Tensor, eot_index: torch.Tensor, normalize: bool = True
+        self, embeddings: torch.Tensor, eot_index: torch.Tensor, normalize: bool = True, length: int | None = None
     ) -> torch.Tensor:
         """Text features from input embeddings (CoOp-style soft prompts).
 
         ``f = ln_final(transformer(E + P))[t, eot_t] @ W_proj`` for embeddings ``E [T, L, W]``, positional
         embedding ``P [L, W]`` and the end-of-text position ``eot_index [T]``; returns ``[T, D]``. With a causal
-        tower only the first ``max_t eot_t + 1`` positions are run (the later ones cannot reach any ``eot_t``).
+        tower only the first ``length`` positions are run (the later ones cannot reach any ``eot_t``); ``length``
+        must exceed every ``eot_t``. Prompt builders that know it pass it; ``None`` reads ``max_t eot_t + 1``
+        back from the device, which makes the host wait for the device.
         """
         text = self.text
         cast_dtype = text.transformer.get_cast_dtype()
         if self.pools_causal_eot:
-            embeddings = embeddings[:, : int(eot_index.max()) + 1]
+            embeddings = embeddings[:, : int(eot_index.max()) + 1 if length is None else length]
         length = embeddings.shape[1]
         x = embeddings.to(cast_dtype) + text.positional_embedding[:length].to(cast_dtype)
         attn_mask = text.attn_mask[:length, :length] if text.attn_mask is not None else None

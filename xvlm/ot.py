@@ -38,6 +38,13 @@ update ``u ← a ⊘ (K v)`` and the column update ``v ← b ⊘ (Kᵀ u)``, sta
   - ``potential`` (the rule of LICO's reference code): ``Σ_i |φ_i − φ_i'| < tol`` over the unmasked rows, with
     the dual potentials ``φ = ε log u`` (starting from ``φ' = 0``, i.e. ``u' = 1``). It grows with ``N``.
 
+- **Host reads** (``check_every``). Stopping is a decision of the host: every ``check_every`` iterations it reads
+  back whether every problem has stopped, and once before the loop it reads the cost range (to choose the form)
+  and the checks below. Problems that stopped are frozen on the device in every iteration, so the plans are the
+  same for any ``check_every``; a larger one saves reads (each makes the host wait for the device) for at most
+  ``check_every − 1`` extra iterations. ``check_every=0`` reads nothing back at all, for steps that must not wait
+  (CUDA graphs, ``torch.compile`` without graph breaks): it always runs ``max_iter`` iterations, always in the
+  log-domain form (safe for any cost range), and skips the value checks (a non-finite cost gives a NaN plan).
 - **Masks.** Masked rows and columns (and zero entries of ``a``, ``b``) get exactly zero mass: their scaling is
   0 (their log-potential ``−∞``), never a small number. Their costs are ignored but must be finite.
 - **Gradients** flow by autograd through the unrolled iterations; no step produces ``inf − inf`` or ``0 / 0``,
@@ -106,7 +113,13 @@ def _kernel_limit(dtype: torch.dtype) -> float:
 
 def _unless_done(done: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """``new [..., K]``, except for the problems already ``done [...]``, which keep ``old``."""
-    return torch.where(done.unsqueeze(-1), old, new) if bool(done.any()) else new
+    return torch.where(done.unsqueeze(-1), old, new)
+
+
+def _all_done(done: torch.Tensor, step: int, check_every: int) -> bool:
+    """Whether every problem is ``done``, read back from the device only every ``check_every``-th step (never
+    with 0): the one place the iterations make the host wait."""
+    return check_every > 0 and step % check_every == 0 and bool(done.all())
 
 
 class _Stop:
@@ -136,7 +149,8 @@ class _Stop:
 
 
 def _scaling(
-    log_kernel: torch.Tensor, a: torch.Tensor, b: torch.Tensor, max_iter: int, stop: _Stop, lift: float = 0.0
+    log_kernel: torch.Tensor, a: torch.Tensor, b: torch.Tensor, max_iter: int, stop: _Stop, lift: float = 0.0,
+    check_every: int = 1,
 ) -> torch.Tensor:
     """Sinkhorn on ``K = exp(log_kernel)``; returns ``diag(u) K diag(v)`` ``[..., N, M]``.
 
@@ -154,14 +168,14 @@ def _scaling(
         if step and stop.rule == "relative":
             with torch.no_grad():
                 done = done | stop.relative_met(u * kv * inverse_a - 1)
-            if bool(done.all()):
+            if _all_done(done, step, check_every):
                 break
         u = _unless_done(done, u, a / kv)
         v = _unless_done(done, v, b / (u.unsqueeze(-2) @ kernel).squeeze(-2))
         if stop.rule != "relative":
             with torch.no_grad():
                 done = done | stop.change_met(u.log() + lift)
-            if bool(done.all()):
+            if _all_done(done, step + 1, check_every):
                 break
     return u.unsqueeze(-1) * kernel * v.unsqueeze(-2)
 
@@ -174,6 +188,7 @@ def _log_domain(
     stop: _Stop,
     row_lift: torch.Tensor | float = 0.0,
     col_lift: torch.Tensor | float = 0.0,
+    check_every: int = 1,
 ) -> torch.Tensor:
     """Sinkhorn on the log-potentials ``f, g``; returns ``exp(f_i + log K_ij + g_j)`` ``[..., N, M]``.
 
@@ -193,7 +208,7 @@ def _log_domain(
         if step and stop.rule == "relative":
             with torch.no_grad():
                 done = done | stop.relative_met(torch.expm1(f + row_lse - log_a))
-            if bool(done.all()):
+            if _all_done(done, step, check_every):
                 break
         f = _unless_done(done, f, torch.where(rows, log_a - row_lse, -math.inf))
         col_lse = torch.logsumexp(log_kernel + f.unsqueeze(-1), dim=-2)
@@ -201,7 +216,7 @@ def _log_domain(
         if stop.rule != "relative":
             with torch.no_grad():
                 done = done | stop.change_met(f + row_lift)
-            if bool(done.all()):
+            if _all_done(done, step + 1, check_every):
                 break
     return torch.exp(f.unsqueeze(-1) + log_kernel + g.unsqueeze(-2))
 
@@ -217,6 +232,7 @@ def sinkhorn(
     stop_rule: StopRule = "relative",
     a_mask: torch.Tensor | None = None,
     b_mask: torch.Tensor | None = None,
+    check_every: int = 1,
 ) -> torch.Tensor:
     """Entropic OT plans of a batch of problems (see the module docstring for the forms and the stopping rules).
 
@@ -235,6 +251,9 @@ def sinkhorn(
             (LICO), see the module docstring.
         a_mask: ``[..., N]`` bool, broadcast to the batch: rows that take part (others get zero mass).
         b_mask: ``[..., M]`` bool, broadcast to the batch: columns that take part.
+        check_every: read "every problem stopped" back from the device every ``check_every`` iterations (the
+            module docstring's host reads); 0 never reads anything back (see the module docstring). The plans do
+            not depend on it.
 
     Returns:
         ``[..., N, M]`` plans ``T = diag(u) exp(−C / ε) diag(v)`` with ``Tᵀ 1 = b`` and ``T 1 ≈ a``; exactly zero
@@ -259,15 +278,20 @@ def sinkhorn(
         batch, (n, m) = cost.shape[:-2], cost.shape[-2:]
         a = _marginal(a, a_mask, batch + (n,), cost)
         b = _marginal(b, b_mask, batch + (m,), cost)
-        if not (bool((a > 0).any(dim=-1).all()) and bool((b > 0).any(dim=-1).all())):
-            raise ValueError("sinkhorn: every problem needs at least one unmasked row and column with positive mass")
-        low = cost.detach().amin()
-        spread = float(cost.detach().amax() - low) / eps
-        if not math.isfinite(spread):
-            raise ValueError("sinkhorn: the cost has NaN or infinite entries (masked entries must be finite too)")
         stop = _Stop(stop_rule, tol, eps, a)
-        if spread <= _kernel_limit(cost.dtype):
-            return _scaling(torch.add(low / eps, cost, alpha=-1 / eps), a, b, max_iter, stop, float(low) / eps)
+        if check_every > 0:  # one read back: the checks and the choice of the form
+            has_mass = (a > 0).any(dim=-1).all() & (b > 0).any(dim=-1).all()
+            low = cost.detach().amin()
+            readout = torch.stack([has_mass.to(cost.dtype), low, cost.detach().amax() - low]).tolist()
+            if not readout[0]:
+                raise ValueError("sinkhorn: every problem needs at least one unmasked row and column with positive "
+                                 "mass")
+            spread = readout[2] / eps
+            if not math.isfinite(spread):
+                raise ValueError("sinkhorn: the cost has NaN or infinite entries (masked entries must be finite too)")
+            if spread <= _kernel_limit(cost.dtype):
+                return _scaling(torch.add(low / eps, cost, alpha=-1 / eps), a, b, max_iter, stop, readout[1] / eps,
+                                check_every)
         reduced, row_min, col_min = _reduced_cost(cost, a > 0, b > 0)
         return _log_domain(reduced / -eps, a, b, max_iter, stop, row_min.squeeze(-1) / eps,
-                           col_min.squeeze(-2) / eps)
+                           col_min.squeeze(-2) / eps, check_every)

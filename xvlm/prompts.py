@@ -27,6 +27,7 @@ from torch import nn
 from xvlm.backbones import VisionLanguageModel
 
 __all__ = [
+    "ClassPromptTokens",
     "PrimitivePrompts",
     "SoftPrompts",
     "descriptor_sentence",
@@ -63,6 +64,8 @@ class SoftPrompts(nn.Module):
             raise ValueError(f"a prompt with {n_ctx} context words does not fit the text context of "
                              f"{tokens.shape[1]} tokens; shorten n_ctx or the class names")
         self.n_ctx = n_ctx
+        self.length = int(eot.max()) + 1
+        """Positions a causal text tower runs: up to the latest end-of-text of any class (a static size)."""
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("eot_index", eot, persistent=False)
         shape = (len(class_names), n_ctx, backbone.text_width) if class_specific else (n_ctx, backbone.text_width)
@@ -83,7 +86,7 @@ class SoftPrompts(nn.Module):
                normalize: bool = False) -> torch.Tensor:
         """Text features ``[K, D]`` of the prompts of ``classes [K]`` (context rolled by ``shift``)."""
         return backbone.encode_prompt_embeddings(self.embeddings(backbone, classes, shift), self.eot_index[classes],
-                                                 normalize=normalize)
+                                                 normalize=normalize, length=self.length)
 
     def encode_variants(self, backbone: VisionLanguageModel, classes: torch.Tensor, count: int) -> torch.Tensor:
         """Features ``[K, M, D]`` of ``M = count`` variants per class, variant ``k`` with the context rolled by ``k``.
@@ -92,8 +95,44 @@ class SoftPrompts(nn.Module):
         """
         embeddings = torch.cat([self.embeddings(backbone, classes, shift) for shift in range(count)])
         eot = self.eot_index[classes].repeat(count)
-        feats = backbone.encode_prompt_embeddings(embeddings, eot, normalize=False)
+        feats = backbone.encode_prompt_embeddings(embeddings, eot, normalize=False, length=self.length)
         return feats.view(count, len(classes), -1).transpose(0, 1)
+
+
+class ClassPromptTokens:
+    """Token ids of every ``template.format(class name)`` prompt, tokenized once per task and kept on the device.
+
+    A training step that draws one template per class then gathers its prompts' ids on the device
+    (:meth:`encode`): no tokenizer call and no value read back from the device per step. The ids are cut after
+    the latest end-of-text position of all prompts (a causal tower never reads further), ``length``, a size known
+    on the host; towers that are not causal keep the full context.
+
+    Args:
+        backbone: the model whose tokenizer makes the ids and whose text tower encodes them.
+        templates: ``T`` templates with one ``{}`` each.
+        class_names: ``C`` class names in label order.
+
+    Attributes:
+        tokens: ``[T, C, length]`` token ids, on the device of ``backbone`` (see :meth:`to`).
+        length: positions per prompt.
+    """
+
+    def __init__(self, backbone: VisionLanguageModel, templates: Sequence[str], class_names: Sequence[str]) -> None:
+        ids = backbone.tokenize([template.format(name) for template in templates for name in class_names]).cpu()
+        self.length = int(ids.argmax(dim=-1).max()) + 1 if backbone.pools_causal_eot else ids.shape[1]
+        self.tokens = ids[:, : self.length].reshape(len(templates), len(class_names), self.length)
+        self.to(backbone.logit_scale.device)
+
+    def to(self, device: torch.device) -> ClassPromptTokens:
+        """Move the ids to ``device`` (once; a no-op when they are there)."""
+        self.tokens = self.tokens.to(device)
+        return self
+
+    def encode(self, backbone: VisionLanguageModel, templates: torch.Tensor, classes: torch.Tensor,
+               normalize: bool = True) -> torch.Tensor:
+        """Text features ``[K, D]`` of the prompts of template ``templates[k]`` and class ``classes[k]`` (``[K]``
+        each, on the device)."""
+        return backbone.encode_text(self.tokens[templates, classes], normalize=normalize, length=self.length)
 
 
 # --------------------------------------------------------------------------------------------- descriptor sentences
@@ -235,5 +274,5 @@ class PrimitivePrompts(nn.Module):
         out = []
         for part in primitives.split(chunk):
             sequence, eot = self.embeddings(branch, part)
-            out.append(backbone.encode_prompt_embeddings(sequence, eot, normalize=True))
+            out.append(backbone.encode_prompt_embeddings(sequence, eot, normalize=True, length=sequence.shape[1]))
         return torch.cat(out)

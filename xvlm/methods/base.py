@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -49,6 +50,11 @@ from xvlm.checkpointing import (
 )
 from xvlm.explain.explainers import check_explainer, explain_with, get_explainer
 from xvlm.metrics import GZSLMetrics
+from xvlm.prompts import ClassPromptTokens
+
+# XVLMModule prepares training batches on the host (on_before_batch_transfer); Lightning warns about every module
+# that does so with a datamodule, although it then calls the module's hook as intended.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 CALIBRATION_KEY = "xvlm_gzsl_calibration"
@@ -59,8 +65,10 @@ class XVLMModule(L.LightningModule):
     """Base class of the methods; see the module docstring.
 
     Args:
-        model: open_clip architecture name (its text tower always; its image tower with ``image_encoder='clip'``).
-        pretrained: weights source of ``model`` (see :mod:`xvlm.backbones`).
+        model: open_clip architecture name (its text tower always; its image tower with ``image_encoder='clip'``), or
+            ``hf-hub:<org>/<repo>`` / ``local-dir:<folder>``, which bring their own weights.
+        pretrained: weights source of ``model`` (see :mod:`xvlm.backbones`); ``auto``: ``shapes`` for the project's
+            architectures, none for ``hf-hub:``/``local-dir:`` names (setting it with those is an error).
         freeze: tower(s) kept fixed: none, image, text, all.
         input_size: image side the backbone takes (positional embeddings are resized); ``None`` keeps the
             architecture's. Named apart from the datamodule's ``image_size``, whose value Lightning would
@@ -103,7 +111,7 @@ class XVLMModule(L.LightningModule):
     def __init__(
         self,
         model: str = "xvlm-tiny",
-        pretrained: str | None = "shapes",
+        pretrained: str | None = "auto",
         freeze: Freeze = "none",
         input_size: int | None = None,
         image_encoder: str = "clip",
@@ -138,6 +146,7 @@ class XVLMModule(L.LightningModule):
         self.val_metrics: GZSLMetrics | None = None
         self.test_metrics: GZSLMetrics | None = None
         self._class_text: torch.Tensor | None = None
+        self._prompt_tokens: ClassPromptTokens | None = None
         self._init_weights_loaded = False
         self._frozen_clip: VisionLanguageModel | None = None
         check_explainer(self.explainer_name, self)  # ... and one the image tower cannot serve
@@ -217,6 +226,7 @@ class XVLMModule(L.LightningModule):
         the task-dependent parts exist before a checkpoint's weights are loaded either way.
         """
         self.task = task
+        self._prompt_tokens = None
         unseen = task.unseen if self.classifies_unseen else ()
         calibrating = bool(task.seen) and bool(unseen)
         if calibrating and self.hparams.calibration == "validation" and task.extras.get("validates_on_test"):
@@ -247,16 +257,53 @@ class XVLMModule(L.LightningModule):
         Parts built here are on the backbone's device and get ``head_lr``. The base has none.
         """
 
-    def seen_targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """Position ``[B]`` of each label among the task's seen classes (the target over seen-class outputs).
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """In training, add the batch's targets and classes (:meth:`prepare_training_batch`) while its labels are
+        still on the host, so that the step on the device reads nothing back."""
+        if self._trainer is not None and self.trainer.training and isinstance(batch, dict) and "label" in batch:
+            return self.prepare_training_batch(batch)
+        return batch
+
+    def prepare_training_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` with ``seen_target [B]`` (each label's position among the seen classes), ``seen_present [K]``
+        (the sorted positions present) and ``seen_present_index [B]`` (each sample's row of ``seen_present``),
+        computed from the labels where they are (on the host, before the batch goes to the device).
 
         Raises:
             ValueError: a label is an unseen class (the datamodule leaks held-out classes into training).
         """
-        target = self.seen_position[labels]
+        labels = batch["label"]
+        target = self.seen_position.to(labels.device)[labels]
         if bool((target < 0).any()):
             raise ValueError("a training batch holds an unseen class; the datamodule leaks held-out classes")
-        return target
+        present, index = target.unique(return_inverse=True)
+        return {**batch, "seen_target": target, "seen_present": present, "seen_present_index": index}
+
+    def seen_targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Position ``[B]`` of each label among the task's seen classes (the target over seen-class outputs):
+        ``batch["seen_target"]`` (:meth:`prepare_training_batch`), made here from the labels when the batch did not
+        come through a Trainer (which reads a flag back from the device).
+
+        Raises:
+            ValueError: a label is an unseen class (the datamodule leaks held-out classes into training).
+        """
+        if "seen_target" not in batch:
+            batch = self.prepare_training_batch(batch)
+        return batch["seen_target"]
+
+    def seen_classes_present(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(present [K], index [B])``: the sorted seen-class positions in the batch and each sample's row of
+        them (:meth:`prepare_training_batch`; made here when the batch did not come through a Trainer)."""
+        if "seen_present" not in batch:
+            batch = self.prepare_training_batch(batch)
+        return batch["seen_present"], batch["seen_present_index"]
+
+    def prompt_tokens(self) -> ClassPromptTokens:
+        """Token ids of every template × class prompt of the task (:class:`~xvlm.prompts.ClassPromptTokens`),
+        made on first use after the task is attached and kept on the module's device."""
+        if self._prompt_tokens is None:
+            self._prompt_tokens = ClassPromptTokens(self.backbone, self.templates, self.task.class_names)
+        return self._prompt_tokens.to(self.backbone.logit_scale.device)
 
     def class_prompts(self, template: str, classes: Sequence[int] | None = None) -> list[str]:
         """``template.format(name)`` for each class (all classes when ``classes`` is None)."""
@@ -266,7 +313,11 @@ class XVLMModule(L.LightningModule):
 
     def class_text_features(self, classes: Sequence[int] | None = None) -> torch.Tensor:
         """Unit-norm class embeddings ``[C, D]``: the mean over templates of the prompt features, renormalised."""
-        feats = torch.stack([self.backbone.encode_texts(self.class_prompts(t, classes)) for t in self.templates])
+        tokens, device = self.prompt_tokens(), self.backbone.logit_scale.device
+        chosen = torch.arange(self.task.num_classes) if classes is None else torch.as_tensor(classes)
+        chosen = chosen.to(device=device, dtype=torch.long)
+        feats = torch.stack([tokens.encode(self.backbone, torch.full_like(chosen, t), chosen)
+                             for t in range(len(self.templates))])
         return F.normalize(feats.mean(dim=0), dim=-1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

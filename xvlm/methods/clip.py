@@ -14,6 +14,7 @@ of the class as a positive.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -48,28 +49,37 @@ class CLIPFineTune(XVLMModule):
         return loss
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Contrastive loss of one batch against one random-template prompt per candidate class."""
-        target = self.seen_targets(batch["label"])
+        """Contrastive loss of one batch against one random-template prompt per candidate class.
+
+        Templates are drawn on the device and the prompts' token ids gathered there
+        (:meth:`~xvlm.methods.base.XVLMModule.prompt_tokens`): the step tokenizes nothing and reads nothing back.
+        """
+        target = self.seen_targets(batch)
         classes = self.seen_classes
         if self.negatives == "batch":
-            present, target = target.unique(return_inverse=True)
+            present, target = self.seen_classes_present(batch)
             classes = classes[present]
-        choice = torch.randint(len(self.templates), (len(classes),)).tolist()
-        names = self.task.class_names
-        prompts = [self.templates[t].format(names[c]) for t, c in zip(choice, classes.tolist())]
-        text = self.backbone.encode_texts(prompts)
+        choice = torch.randint(len(self.templates), classes.shape, device=classes.device)
+        text = self.prompt_tokens().encode(self.backbone, choice, classes)
         image = self.backbone.encode_image(batch["image"])
         logits = self.backbone.logit_scale.exp().clamp(max=100) * image @ text.T
         loss = F.cross_entropy(logits, target)
         if self.symmetric:
-            loss = 0.5 * (loss + self._text_to_image_loss(logits, target))
+            loss = 0.5 * (loss + text_to_image_loss(logits, target))
         return loss
 
-    @staticmethod
-    def _text_to_image_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean over present classes c of ``-log Σ_{i: y_i=c} softmax_i(logits[:, c])`` (multi-positive)."""
-        present = target.unique()
-        column_logits = logits[:, present].T
-        positive = target[None, :] == present[:, None]
-        log_prob = column_logits.log_softmax(dim=1)
-        return -(log_prob.masked_fill(~positive, float("-inf")).logsumexp(dim=1)).mean()
+
+def text_to_image_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes present in the batch of ``-log Σ_{i: y_i=c} softmax_i(logits[:, c])`` (every image of
+    the class a positive), from ``logits [B, K]`` and ``target [B]`` in ``0..K-1``.
+
+    Computed over all ``K`` columns with the absent ones masked out, so no class list is read back from the device.
+    """
+    columns = torch.arange(logits.shape[1], device=target.device)
+    positive = target[None, :] == columns[:, None]  # [K, B]
+    present = positive.any(dim=1)
+    log_prob = logits.T.log_softmax(dim=1)
+    # an absent class's row is all -inf once masked; fill it with zeros so neither value nor gradient is NaN
+    positives = torch.where(positive, log_prob, -math.inf).where(present[:, None], 0.0)
+    per_class = -positives.logsumexp(dim=1)
+    return (per_class * present).sum() / present.sum()

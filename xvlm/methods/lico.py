@@ -56,7 +56,9 @@ Deviations from the reference code (ymLeiFDU/LICO) and from the letter of the pa
    100-250; random ones about 10). The reference stops when ``mean_b Σ_n |Δφ_n| < 1e-3`` for the dual potentials
    ``φ = ε log u``, a threshold that tightens with ``N``; ``ot_stop_rule='reference'`` applies it per sample (the
    reference averages it over the batch, so a sample's plan depends on its batch), with ``ot_max_iter = 100`` for
-   the reference's cap.
+   the reference's cap. The host reads the stopping flag every ``ot_check_every = 10`` iterations (2-3 reads per
+   step at the Shapes defaults, where the problems stop after about 20); the plans do not depend on it
+   (:mod:`xvlm.ot`), and ``ot_check_every = 0`` with a fixed ``ot_max_iter`` gives a step that never waits.
 9. The classifier is trained on the task's seen classes only (unseen classes are LaZSL's); with no unseen
    classes this is the ordinary classifier.
 10. No unused parameters (the reference's ``logit_scale`` and 768→512 layer) and no hidden training noise.
@@ -156,6 +158,7 @@ def optimal_transport_loss(
     max_iter: int = 1000,
     tol: float = 1e-4,
     stop_rule: Literal["relative", "reference"] = "relative",
+    check_every: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``L_OT = mean_i ⟨P*_i, C_i⟩`` with the plan ``P*`` held fixed; returns ``(loss, plans [B, N, M])``.
 
@@ -172,11 +175,13 @@ def optimal_transport_loss(
         tol: with ``stop_rule='relative'``, a sample's Sinkhorn stops once ``max_n |(P 1)_n − 1/N| · N < tol``.
         stop_rule: ``relative``, or ``reference``: the reference code's ``Σ_n |Δφ_n| < 1e-3`` on the dual
             potentials (:data:`REFERENCE_OT_TOL`; ``tol`` is not used), per sample.
+        check_every: iterations between reads of the stopping flag (:func:`~xvlm.ot.sinkhorn`).
     """
     rule, threshold = ot_stopping(stop_rule, tol)
     cost = transport_cost(visual, language)
     with torch.no_grad():
-        plan = sinkhorn(cost.detach(), eps=eps, max_iter=max_iter, tol=threshold, stop_rule=rule)
+        plan = sinkhorn(cost.detach(), eps=eps, max_iter=max_iter, tol=threshold, stop_rule=rule,
+                        check_every=check_every)
     with float32_region(cost) as (cost,):
         return (plan * cost).sum(dim=(1, 2)).mean(), plan
 
@@ -201,6 +206,8 @@ class LICO(XVLMModule):
         ot_stop_rule: ``relative``, or ``reference``: the reference code's rule ``Σ_n |Δφ_n| < 1e-3`` on the dual
             potentials ``φ = ε log u``, applied per sample (``ot_tol`` is then not used; set ``ot_max_iter=100``
             for the reference's cap).
+        ot_check_every: Sinkhorn iterations between two reads of the stopping flag (0: never read; every step
+            then runs ``ot_max_iter`` iterations and nothing waits for the device).
         **kwargs: :class:`XVLMModule` arguments (``model`` is the open_clip model whose text tower encodes the
             prompts; ``image_encoder``, ``input_size`` — required for a timm encoder, it fixes ``d' = h·w`` —,
             ``head_lr`` for LICO's own parts, optimiser, ``init_weights``, ``explainer`` for :meth:`explain`:
@@ -223,6 +230,7 @@ class LICO(XVLMModule):
         ot_max_iter: int = 1000,
         ot_tol: float = 1e-4,
         ot_stop_rule: Literal["relative", "reference"] = "relative",
+        ot_check_every: int = 10,
         **kwargs: Any,
     ) -> None:
         ot_stopping(ot_stop_rule, ot_tol)  # an unknown rule fails here, before the backbone is built
@@ -274,27 +282,26 @@ class LICO(XVLMModule):
         return logits.index_copy(1, self.seen_classes, seen_logits)
 
     # ----------------------------------------------------------------- language side
-    def language_tokens(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def language_tokens(self, classes: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(G [B, M, d'], text [B, M, E])``: mapped and raw variant features of each sample's class.
 
-        Only the classes present in the batch are encoded; rows are gathered by label once.
+        Only the batch's classes ``classes [K]`` (task labels) are encoded; sample ``b`` takes row ``index[b]``.
         """
-        present, position = labels.unique(return_inverse=True)
-        text = self.prompts.encode_variants(self.backbone, present, self.hparams.n_ctx)[position]
+        text = self.prompts.encode_variants(self.backbone, classes, self.hparams.n_ctx)[index]
         return self.mapper(text), text
 
     # ----------------------------------------------------------------- training
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``ce``, ``mm``, ``ot`` and their weighted sum ``loss`` of one batch (``mm``/``ot`` only when weighted)."""
         hp = self.hparams
-        labels = batch["label"]
-        target = self.seen_targets(labels)
+        target = self.seen_targets(batch)
         maps = self.feature_maps(batch["image"])
         logits = self.seen_logits(maps)
         out = {"ce": F.cross_entropy(logits, target)}
         loss = hp.lambda_ce * out["ce"]
         if hp.alpha or hp.beta:
-            language, text = self.language_tokens(labels)
+            present, index = self.seen_classes_present(batch)
+            language, text = self.language_tokens(self.seen_classes[present], index)
             visual = maps.flatten(2)
             if hp.alpha:
                 image_side, text_side = (visual, language) if hp.mm_features == "flattened" else (
@@ -303,7 +310,7 @@ class LICO(XVLMModule):
                 loss = loss + hp.alpha * out["mm"]
             if hp.beta:
                 out["ot"] = optimal_transport_loss(visual, language, hp.ot_eps, hp.ot_max_iter, hp.ot_tol,
-                                                   hp.ot_stop_rule)[0]
+                                                   hp.ot_stop_rule, hp.ot_check_every)[0]
                 loss = loss + hp.beta * out["ot"]
         out["loss"] = loss
         out["acc"] = (logits.argmax(dim=1) == target).float().mean()

@@ -506,7 +506,7 @@ class MSCI(XVLMModule):
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The three cross-entropies, their weighted sum ``loss`` and the pair accuracy of one batch."""
         labels = batch["label"]
-        target = self.seen_targets(labels)
+        target = self.seen_targets(batch)
         levels = self.image_levels(batch["image"])
         text = self.encode_prompts(self.seen_classes)
         v_c, v_s, v_o = self.branch_embeddings(levels)

@@ -385,7 +385,7 @@ class SVIP(XVLMModule):
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The terms of ``L`` (module docstring), their weighted sum ``loss`` and diagnostics of one batch."""
         hp = self.hparams
-        target = self.seen_targets(batch["label"])
+        target = self.seen_targets(batch)
         patches = self.backbone.embed_patches(batch["image"]).tokens
         first = self.run(patches, attention=True)
         kept, relevance = rollout_targets(first.attention.detach(), self.grid, self.keep, hp.superpatch,
