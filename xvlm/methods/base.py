@@ -92,6 +92,11 @@ class XVLMModule(L.LightningModule):
             ``None`` uses the method's :attr:`default_explainer`.
         calibration: ``validation`` (choose the calibrated-stacking ``γ`` on the validation split after every
             validation epoch) or a fixed ``γ`` (module docstring).
+        compile: ``torch.compile`` the towers' blocks (:meth:`~xvlm.backbones.VisionLanguageModel.compile_blocks`)
+            once the task's parts exist: ``true`` with torch's defaults, or the options of ``torch.compile``
+            (``{mode: max-autotune}``, ``{backend: eager}``, ...). Checkpoints are unchanged.
+        fused_optimizer: the optimiser's fused kernels (one launch for all parameters); ``None``: on when the
+            parameters are on a GPU.
     """
 
     #: Whether :meth:`classify` scores unseen classes (zero-shot heads do; a classifier over seen classes does not,
@@ -127,6 +132,8 @@ class XVLMModule(L.LightningModule):
         momentum: float = 0.9,
         explainer: str | None = None,
         calibration: float | Literal["validation"] = "validation",
+        compile: bool | dict[str, Any] = False,
+        fused_optimizer: bool | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "adam", "sgd"):
@@ -148,6 +155,7 @@ class XVLMModule(L.LightningModule):
         self._class_text: torch.Tensor | None = None
         self._prompt_tokens: ClassPromptTokens | None = None
         self._init_weights_loaded = False
+        self._towers_compiled = False
         self._frozen_clip: VisionLanguageModel | None = None
         check_explainer(self.explainer_name, self)  # ... and one the image tower cannot serve
 
@@ -249,6 +257,10 @@ class XVLMModule(L.LightningModule):
         if self.hparams.init_weights is not None and not self._init_weights_loaded:
             load_weights(self, self.hparams.init_weights)
             self._init_weights_loaded = True
+        if self.hparams.compile and not self._towers_compiled:
+            options = self.hparams.compile if isinstance(self.hparams.compile, dict) else {}
+            self.backbone.compile_blocks(**options)
+            self._towers_compiled = True
 
     def build_task_parts(self, task: Task) -> None:
         """Hook: build the parts whose shape depends on the task (heads over its classes, prompts of its names).
@@ -398,11 +410,19 @@ class XVLMModule(L.LightningModule):
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The ``optimizer`` over :meth:`parameter_groups`: AdamW, Adam (weight decay as an L2 term of the
-        gradient) or SGD with ``momentum``."""
+        gradient) or SGD with ``momentum``; fused kernels by ``fused_optimizer``."""
         groups, hp = self.parameter_groups(), self.hparams
+        fused = self.fused_kernels(groups)
         if hp.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
-        return (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW)(groups, lr=hp.lr)
+            return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, fused=fused)
+        return (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW)(groups, lr=hp.lr, fused=fused)
+
+    def fused_kernels(self, groups: list[dict[str, Any]]) -> bool:
+        """Whether the optimiser of ``groups`` runs fused: ``fused_optimizer``, or when it is None whether every
+        parameter is on a GPU."""
+        if self.hparams.fused_optimizer is not None:
+            return self.hparams.fused_optimizer
+        return all(p.is_cuda for group in groups for p in group["params"])
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()

@@ -478,7 +478,8 @@ class SVIP(XVLMModule):
         own = {id(p) for p in heads}
         backbone = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
         groups = [{"params": heads}] + ([{"params": backbone}] if backbone else [])
-        optimizer = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        optimizer = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                                     fused=self.fused_kernels(groups))
         self.trainer.fit_loop._combined_loader = None  # as the base does: Lightning 2.6's resume (see there)
 
         def main(epoch: int) -> float:
