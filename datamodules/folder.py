@@ -13,6 +13,9 @@ found recursively inside each class folder; other files are ignored. Side inform
   file ("Black-footed Albatross", "Brewer's Blackbird" for ``Brewer_Blackbird``);
 - ``unseen_classes``: class names held out of training (readable or folder names), given as a list, a ``.json``
   file holding a list, or a text file with one name per line (blank lines and ``#`` comments are skipped).
+
+``predict_dir`` names a folder of images without labels (found recursively, any size): ``xvlm predict`` then
+classifies these instead of the test split; their items carry ``path`` (the file) instead of a label.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from datamodules.loading import ImageFiles, LabelledImages, Split, ZooDataModule, hold_out_classes
+from torch.utils.data import DataLoader
+
+from datamodules.loading import ImageFiles, LabelledImages, Split, Unreadable, ZooDataModule, hold_out_classes
 from datamodules.task import Task
 from datamodules.transforms import natural_eval_transform, natural_train_transform
 
@@ -135,6 +140,21 @@ def _unseen_names(spec: str | list[str], source: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
+class UnlabelledImages(LabelledImages):
+    """Image files without labels (``predict_dir``): items hold ``image`` ``[3, S, S]``, ``index`` and ``path``
+    (the file, a string); unreadable files as in :class:`~datamodules.loading.LabelledImages`."""
+
+    def __init__(self, files: ImageFiles, transform: Any, skip_unreadable: bool) -> None:
+        super().__init__(files, [-1] * len(files), (), transform, random_transform=False,
+                         skip_unreadable=skip_unreadable)
+
+    def __getitem__(self, key: Any) -> dict[str, Any] | Unreadable:
+        item = super().__getitem__(key)
+        if isinstance(item, Unreadable):
+            return item
+        return {"image": item["image"], "index": item["index"], "path": str(self.images.paths[int(item["index"])])}
+
+
 class ImageFolderDataModule(ZooDataModule):
     """Class folders on disk as a DataModule; ``self.task`` is ready after ``__init__`` (see the module docstring).
 
@@ -166,13 +186,15 @@ class ImageFolderDataModule(ZooDataModule):
         augment: apply the random training augmentation.
         on_bad_image: ``error`` (stop at an unreadable image file, naming it) or ``skip`` (drop its sample from the
             batch and count it in ``batch["skipped_images"]``).
+        predict_dir: a folder of unlabelled images that the predict stage reads instead of the test split (module
+            docstring); None predicts the test split.
     """
 
     def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, num_workers: int = 4,
                  train_split: str = "train", val_split: str = "val", test_split: str | None = None,
                  class_names: str | None = None, descriptors: str | None = None,
                  unseen_classes: str | list[str] | None = None, augment: bool = True,
-                 on_bad_image: Literal["error", "skip"] = "error") -> None:
+                 on_bad_image: Literal["error", "skip"] = "error", predict_dir: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.source = f"ImageFolderDataModule(root={str(root)!r})"
@@ -202,8 +224,20 @@ class ImageFolderDataModule(ZooDataModule):
                              f"expected root/<{option}>/<class>/<images>")
         return path
 
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets ``stage`` reads: the ``predict_dir`` images for ``predict`` when it is set."""
+        if stage == "predict" and self.hparams.predict_dir is not None:
+            self.dataset("predict")
+        else:
+            super().setup(stage)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader("predict") if self.hparams.predict_dir is not None else super().predict_dataloader()
+
     def build_dataset(self, split: Split) -> LabelledImages:
         """Scan the split folder; training keeps seen classes only and needs images of every one of them."""
+        if split == "predict":
+            return self._predict_dataset()
         split_dir = self._split_dir(split)
         classes = self.task.seen if split == "train" else range(self.task.num_classes)
         files = {c: _image_files(split_dir / self.folders[c]) for c in classes}
@@ -222,3 +256,14 @@ class ImageFolderDataModule(ZooDataModule):
         transform = natural_train_transform(size) if random else natural_eval_transform(size)
         return LabelledImages(ImageFiles(paths), labels, self.task.seen, transform, random_transform=random,
                               skip_unreadable=self.hparams.on_bad_image == "skip")
+
+    def _predict_dataset(self) -> UnlabelledImages:
+        """The images anywhere below ``predict_dir``, in sorted path order, at the evaluation transform."""
+        folder = Path(self.hparams.predict_dir)
+        if not folder.is_dir():
+            raise ValueError(f"{self.source}: predict_dir {folder} is not a folder; pass a folder of images")
+        paths = _image_files(folder)
+        if not paths:
+            raise ValueError(f"{self.source}: predict_dir {folder} holds no images {IMAGE_EXTENSIONS}")
+        return UnlabelledImages(ImageFiles(paths), natural_eval_transform(self.hparams.image_size),
+                                skip_unreadable=self.hparams.on_bad_image == "skip")

@@ -158,6 +158,36 @@ def sun_train_transform(image_size: int) -> A.Compose:
     )
 
 
+def open_clip_preprocess(transform: A.Compose) -> dict[str, object]:
+    """The evaluation ``transform`` in open_clip's ``preprocess_cfg`` terms (``open_clip.transform.PreprocessCfg``).
+
+    ``mean`` and ``std`` are the pipeline's ``Normalize`` (of pixels scaled to [0, 1]); ``Resize`` to ``S`` square
+    is ``resize_mode: squash``; a shorter side resized to ``S`` then a centre crop is ``shortest`` (a shorter side
+    resized beyond the crop, as in :func:`resize_crop_eval_transform`, has no open_clip equivalent and is also
+    described as ``shortest``, which crops less); the resizing's interpolation is ``bicubic`` for OpenCV's cubic,
+    else ``bilinear``. ``size`` is the output side ``S``.
+
+    Raises:
+        ValueError: the pipeline has no ``Normalize`` or no resizing step (it is not an evaluation transform).
+    """
+    steps = {type(step).__name__: step for step in transform.transforms}
+    normalise = steps.get("Normalize")
+    resize = steps.get("Resize") or steps.get("SmallestMaxSize")
+    if normalise is None or resize is None:
+        raise ValueError(f"the transform {[type(step).__name__ for step in transform.transforms]} has no Normalize or "
+                         f"no Resize/SmallestMaxSize step: it cannot be described as open_clip preprocessing")
+    scale = float(normalise.max_pixel_value) / 255.0  # albumentations: (x - m·M) / (s·M) for pixels x in [0, 255]
+    crop = steps.get("CenterCrop")
+    size = (resize.height, resize.width) if crop is None else (crop.height, crop.width)
+    return {
+        "size": int(size[0]) if size[0] == size[1] else [int(side) for side in size],
+        "mean": [float(m) * scale for m in normalise.mean],
+        "std": [float(s) * scale for s in normalise.std],
+        "interpolation": "bicubic" if resize.interpolation == cv2.INTER_CUBIC else "bilinear",
+        "resize_mode": "squash" if type(resize).__name__ == "Resize" else "shortest",
+    }
+
+
 def apply_transform(transform: A.Compose, random: bool, seed: int | None = None, **targets: np.ndarray) -> dict:
     """Run ``transform`` on one item; a ``random`` pipeline is first reseeded.
 

@@ -102,11 +102,14 @@ def test_plans_put_no_mass_on_padding_or_dropped_crops():
                                rtol=LaZSLSettings.tol)
 
 
-def test_chunks_over_classes_give_the_same_scores(monkeypatch):
+def test_chunks_over_classes_give_the_same_scores():
     crops, glob, desc, mask = _features(2, 7, 5, 4, seed=3)
     whole = lazsl_scores(crops, glob, desc, mask)
-    monkeypatch.setattr(lazsl_module, "_PLAN_ELEMENTS", 2 * 5 * 4 * 3)
-    chunked = lazsl_scores(crops, glob, desc, mask)
+    budget = lazsl_module.PLAN_ENTRY_BYTES * 2 * 5 * 4 * 3 / 2**20  # three classes per chunk
+    assert lazsl_module.classes_per_chunk(2, 5, 4, budget) == 3
+    assert lazsl_module.classes_per_chunk(2, 5, 4, 2 * budget) == 6
+    assert lazsl_module.classes_per_chunk(2, 5, 4, budget / 10) == 1
+    chunked = lazsl_scores(crops, glob, desc, mask, LaZSLSettings(memory_budget_mb=budget))
     torch.testing.assert_close(chunked.scores, whole.scores, atol=1e-12, rtol=0)
     torch.testing.assert_close(chunked.plans, whole.plans, atol=1e-12, rtol=0)
 

@@ -30,7 +30,7 @@ GALLERY_IMAGES = 3
 # --------------------------------------------------------------------------------------------- the settings
 @pytest.mark.parametrize("option, value", [
     ("n_crops", 0), ("alpha", 0.0), ("beta", 1.5), ("theta", 1.5), ("theta", -0.1), ("eps", 0.0), ("max_iter", 0),
-    ("tol", 0.0), ("max_views", 0),
+    ("tol", 0.0), ("max_views", 0), ("memory_budget_mb", 0),
 ])
 def test_bad_settings_are_refused_naming_the_option(option, value):
     named = re.escape(f"{option}={value}")

@@ -929,6 +929,25 @@ class VisionLanguageModel(nn.Module):
         x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return F.normalize(x, dim=-1) if normalize else x
 
+    def compile_blocks(self, **options: Any) -> int:
+        """Compile the towers in place with ``torch.compile(**options)``: every block of the text transformer and of
+        a ViT image tower (open_clip's ``resblocks``, timm's ``blocks``), other image towers whole.
+
+        Blocks rather than whole towers, so that every path through them (``encode_image``, :meth:`run_blocks`,
+        soft prompts through :meth:`encode_prompt_embeddings`) runs compiled; ``nn.Module.compile`` keeps every
+        parameter's name, so state dicts and checkpoints are those of the plain model. Returns the number of
+        modules compiled.
+        """
+        tower = self.image_tower
+        if self.timm_encoder is not None:
+            image_blocks = list(getattr(tower.model, "blocks", [])) or [tower]
+        else:
+            image_blocks = list(tower.transformer.resblocks) if isinstance(tower, VisionTransformer) else [tower]
+        modules = [*self.text.transformer.resblocks, *image_blocks]
+        for module in modules:
+            module.compile(**options)
+        return len(modules)
+
     # ----------------------------------------------------------------- ViT stepper
     def _vit(self, what: str) -> VisionTransformer:
         """The open_clip ViT image tower, or a ValueError naming what ``what`` needs and what the model has."""

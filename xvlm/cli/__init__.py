@@ -1,7 +1,8 @@
 """The ``xvlm`` command: a thin ``LightningCLI`` subclass that only wires things.
 
 ``xvlm fit|validate|test|predict --config configs/<method>/<dataset>.yaml [--run NAME]``; ``xvlm explain ...``
-(:mod:`xvlm.cli.explain`, listed at the end of ``xvlm --help``). The CLI is the top layer: it may import methods,
+(:mod:`xvlm.cli.explain`), ``xvlm transfer ...`` and ``xvlm export ...`` (:mod:`xvlm.cli.export`), listed at the end
+of ``xvlm --help``. The CLI is the top layer: it may import methods,
 callbacks and datamodules; nothing below imports it.
 
 - Every run has a name (``--run``); its checkpoints go to ``<checkpoint_dir>/<run>/`` (a fixed folder, so
@@ -18,9 +19,14 @@ callbacks and datamodules; nothing below imports it.
   after the current step, ``scontrol requeue`` under SLURM, stop) and :class:`xvlm.finite_loss.FiniteLoss` (a
   NaN/inf loss stops the run before it is written anywhere) and :class:`xvlm.callbacks.SkippedImages` (per-epoch
   counts of the images ``on_bad_image: skip`` dropped).
+- ``--float32_matmul_precision`` (default ``high``) is set with ``torch.set_float32_matmul_precision`` before
+  anything is built: float32 matrix products may use TF32 tensor cores (``highest`` turns that off).
 - ``--ckpt_path`` resumes the same run only: a checkpoint written by another model class or for another backbone
   (``model``) is refused (Lightning would otherwise silently swap the configured class for the checkpoint's).
   Start from other weights with ``--model.init_args.init_weights``.
+- ``xvlm predict`` writes its rows (top classes, probabilities, seen/unseen, explanation summary) through
+  :class:`xvlm.prediction_writer.PredictionWriter`, configured under ``predictions`` (``--predictions.path
+  preds.csv``, ``--predictions.explain true`` for the PNGs).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import sys
 from argparse import ArgumentError
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -51,9 +57,11 @@ from xvlm.checkpointing import (  # noqa: E402
     newest_loadable_checkpoint,
 )
 from xvlm.cli.explain import explain_command  # noqa: E402
+from xvlm.cli.export import export_command  # noqa: E402
 from xvlm.cli.transfer import transfer_command  # noqa: E402
 from xvlm.finite_loss import FiniteLoss, NonFiniteLossError  # noqa: E402
 from xvlm.methods import XVLMModule  # noqa: E402
+from xvlm.prediction_writer import PredictionWriter  # noqa: E402
 from xvlm.preemption import Preemption  # noqa: E402
 
 TRAINER_DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": "auto", "log_every_n_steps": 10}
@@ -65,9 +73,11 @@ other subcommands:
                         explainer or any --explainer NAME. Run `xvlm explain --help` for its arguments.
     transfer            Test every trained run on every run's data (zero-shot transfer) and write the matrix of a
                         test metric. Run `xvlm transfer --help` for its arguments.
+    export              Write a trained module's towers as an open_clip model folder (open_clip_config.json,
+                        safetensors weights, model card). Run `xvlm export --help` for its arguments.
 """
-"""Appended to ``xvlm --help``: ``explain`` and ``transfer`` are not ``LightningCLI`` subcommands (main dispatches
-them first)."""
+"""Appended to ``xvlm --help``: ``explain``, ``transfer`` and ``export`` are not ``LightningCLI`` subcommands (main
+dispatches them first)."""
 
 
 def run_dir(root: str, run: str) -> str:
@@ -149,8 +159,12 @@ class XVLMCLI(LightningCLI):
         parser.add_argument("--run", type=str, default="default", help="Run name: names its checkpoint and log folders.")
         parser.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="Root of run checkpoint folders.")
         parser.add_argument("--log_dir", type=str, default="outputs", help="Root of run log folders.")
+        parser.add_argument("--float32_matmul_precision", type=Literal["highest", "high", "medium"], default="high",
+                            help="torch.set_float32_matmul_precision for the run: 'high' lets float32 matrix products "
+                                 "use TF32 tensor cores on GPUs that have them; 'highest' keeps full float32.")
         parser.add_lightning_class_args(ResumeCheckpoint, "resume_checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults(
             {
                 "resume_checkpoint.filename": "latest-epoch{epoch:03d}-step{step:07d}",
@@ -212,6 +226,10 @@ class XVLMCLI(LightningCLI):
         if message is not None:
             self._parser(subcommand).error(message)
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        torch.set_float32_matmul_precision(config.float32_matmul_precision)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -238,7 +256,7 @@ class XVLMCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``xvlm`` console script; ``xvlm explain ...`` runs :mod:`xvlm.cli.explain`, ``xvlm
-    transfer ...`` :mod:`xvlm.cli.transfer`."""
+    transfer ...`` :mod:`xvlm.cli.transfer`, ``xvlm export ...`` :mod:`xvlm.cli.export`."""
     argv = sys.argv[1:] if args is None else list(args)
     cli = partial(
         XVLMCLI,
@@ -254,6 +272,8 @@ def main(args: list[str] | None = None) -> None:
         explain_command(argv[1:], partial(cli, run=False))
     elif argv[:1] == ["transfer"]:
         transfer_command(argv[1:], partial(cli, run=False))
+    elif argv[:1] == ["export"]:
+        export_command(argv[1:], partial(cli, run=False))
     elif argv[:1] in (["-h"], ["--help"]):
         try:
             cli(args=args)

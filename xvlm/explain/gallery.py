@@ -116,21 +116,26 @@ def explain_batch(
     return move_data_to_device(explanation, "cpu")
 
 
+def render_explained(batch: dict[str, Any], explanation: dict[str, Any], names: Sequence[str],
+                     class_names: Sequence[str]) -> list[Figure]:
+    """One figure per sample of ``batch`` (``image [B, 3, H, W]``, optional ``label [B]``) from its batch-first
+    ``explanation`` (:func:`explain_batch`), titled by ``names``."""
+    labels = batch["label"].tolist() if "label" in batch else [None] * len(names)
+    return [
+        render_explanation(batch["image"][i], sample_explanation(explanation, i), class_names, label=labels[i],
+                           title=names[i])
+        for i in range(len(names))
+    ]
+
+
 def render_batch(
     module: ExplainableModule,
     batch: dict[str, Any],
     names: Sequence[str],
     explainer: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> list[Figure]:
-    """One figure per sample of ``batch`` (``image [B, 3, H, W]``, optional ``label [B]``), titled by ``names``;
-    ``explainer`` as in :func:`explain_batch`."""
-    explanation = explain_batch(module, batch, explainer)
-    labels = batch["label"].tolist() if "label" in batch else [None] * len(names)
-    return [
-        render_explanation(batch["image"][i], sample_explanation(explanation, i), module.task.class_names,
-                           label=labels[i], title=names[i])
-        for i in range(len(names))
-    ]
+    """One figure per sample of ``batch`` (:func:`render_explained`); ``explainer`` as in :func:`explain_batch`."""
+    return render_explained(batch, explain_batch(module, batch, explainer), names, module.task.class_names)
 
 
 class ExplanationGallery(Callback):

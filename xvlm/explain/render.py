@@ -107,6 +107,21 @@ def _ranked(count: int, scores: torch.Tensor | None, limit: int, names: Sequence
     return [k for k in order if names is None or str(names[k])][:limit]
 
 
+def top_ranked(explanation: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    """The best entry of every ranked group of one sample's explanation: ``{group: (name, score)}`` for each
+    ``<group>_names`` with ``<group>_contributions`` or ``<group>_scores`` (the first suffix present), the entry of
+    the highest score; padding entries named ``""`` are skipped, as in the bar charts."""
+    best = {}
+    for group in _groups(explanation, SCORE_SUFFIXES):
+        names, scores = explanation.get(group + NAME_SUFFIX), _scores(explanation, group)
+        if names is None or scores is None or scores.ndim != 1:
+            continue
+        top = _ranked(len(scores), scores, 1, names)
+        if top:
+            best[group] = (str(names[top[0]]), float(scores[top[0]]))
+    return best
+
+
 def _entry_name(names: Sequence[str] | None, index: int) -> str:
     return str(names[index]) if names is not None else f"#{index}"
 

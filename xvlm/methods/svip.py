@@ -470,16 +470,22 @@ class SVIP(XVLMModule):
         return [p for part in (self.selector, self.word_to_patch, self.attribute_to_subpatch, self.attribute_head)
                 for p in part.parameters()]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """One Adam (``betas``, ``weight_decay``) over the heads and the trainable backbone weights, with a per-epoch
-        ``LambdaLR``: heads at ``warmup_lr`` then ``lr · decay``, the backbone at 0 then ``lr · decay``."""
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """One Adam (``betas``, ``weight_decay``) over two groups: the heads, then the trainable backbone weights."""
         hp = self.hparams
         heads = self.head_parameters()
         own = {id(p) for p in heads}
         backbone = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
         groups = [{"params": heads}] + ([{"params": backbone}] if backbone else [])
-        optimizer = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
-                                     fused=self.fused_kernels(groups))
+        return torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                                fused=self.fused_kernels(groups))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """:meth:`build_optimizer` with a per-epoch ``LambdaLR``: heads at ``warmup_lr`` then ``lr · decay``, the
+        backbone at 0 then ``lr · decay``."""
+        hp = self.hparams
+        optimizer = self.build_optimizer()
+        groups = optimizer.param_groups
         self.trainer.fit_loop._combined_loader = None  # as the base does: Lightning 2.6's resume (see there)
 
         def main(epoch: int) -> float:

@@ -126,8 +126,9 @@ STOP_RULES: tuple[StopRule, ...] = ("relative", "reference")
 REFERENCE_TOL = 1e-2
 """The reference code's threshold on ``mean_n |Δu_n|`` (``stop_rule='reference'``)."""
 
-_PLAN_ELEMENTS = 2**24
-"""Most ``B × C × N × M`` entries one Sinkhorn call handles; larger class sets are scored in chunks."""
+PLAN_ENTRY_BYTES = 40
+"""Memory one ``[B, C, N, M]`` entry of the transport takes at its peak: the similarity, the cost, the (log) kernel,
+the plan and the temporaries between them, float32 (measured: ``python -m benchmarks``, the LaZSL scaling table)."""
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -160,6 +161,8 @@ class LaZSLSettings:
         seed: crop seed; the crops of an image depend only on ``(seed, dataset index)``.
         suffix: descriptor sentence suffix ("." for ImageNet parity, "" elsewhere).
         max_views: views per image-encoder forward pass (bounds memory; at least one image per pass).
+        memory_budget_mb: most memory the transport of one chunk of classes takes: classes are scored
+            ``budget / (PLAN_ENTRY_BYTES · B · N · M)`` at a time (at least one), so 21k classes fit any budget.
 
     Raises:
         ValueError: naming each option out of range.
@@ -178,6 +181,7 @@ class LaZSLSettings:
     seed: int = 1
     suffix: str = ""
     max_views: int = 512
+    memory_budget_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         _check_fractions(self.alpha, self.beta)
@@ -189,6 +193,7 @@ class LaZSLSettings:
             "tol": (self.tol > 0, "> 0"),
             "stop_rule": (self.stop_rule in STOP_RULES, " or ".join(map(repr, STOP_RULES))),
             "max_views": (self.max_views >= 1, ">= 1"),
+            "memory_budget_mb": (self.memory_budget_mb > 0, "> 0"),
         }
         broken = [f"{name}={getattr(self, name)!r} (must be {rule})" for name, (ok, rule) in rules.items() if not ok]
         if broken:
@@ -504,7 +509,8 @@ def lazsl_scores(
     ``H = θ P Qᵀ + (1 − θ) 1 (Q p_g)ᵀ [B, C, N, M]`` (:func:`hybrid_similarity`);
     ``T = Sinkhorn(1 − H; μ, ν, ε)`` with ``μ`` uniform over the kept crops and ``ν`` uniform over the real
     descriptors; ``c_j = Σ_n T_nj H_nj`` and ``ψ = Σ_j c_j``. As ``Tᵀ 1 = ν``, ``ψ = (1 − θ) DCLIP + θ <T, P Qᵀ>``.
-    Classes are scored in chunks of at most ``_PLAN_ELEMENTS`` plan entries, so memory stays bounded. Everything
+    Classes are scored in chunks that fit ``settings.memory_budget_mb`` (:data:`PLAN_ENTRY_BYTES` per plan entry), so
+    memory stays bounded whatever the number of classes. Everything
     runs in float32 (float64 features stay float64) with autocast off, so half-precision features give float32
     outputs equal to those of the same features upcast.
 
@@ -524,6 +530,12 @@ def lazsl_scores(
     with float32_region(crop_feats, global_feats, desc_feats) as (crop_feats, global_feats, desc_feats):
         return _transport_scores(crop_feats, global_feats, desc_feats, desc_mask.to(desc_feats.device, torch.bool),
                                  settings, return_plans)
+
+
+def classes_per_chunk(images: int, crops: int, descriptors: int, memory_budget_mb: float) -> int:
+    """Classes whose ``[B, C, N, M]`` transport fits ``memory_budget_mb`` at :data:`PLAN_ENTRY_BYTES` per entry
+    (at least one)."""
+    return max(1, int(memory_budget_mb * 2**20) // (PLAN_ENTRY_BYTES * max(1, images * crops * descriptors)))
 
 
 def _transport_scores(
@@ -548,7 +560,7 @@ def _transport_scores(
     rule, tol = ("relative", settings.tol) if settings.stop_rule == "relative" else ("scaling", REFERENCE_TOL)
     b, n, _ = crops.shape
     c, m, _ = desc.shape
-    chunk = max(1, _PLAN_ELEMENTS // max(1, b * n * m))
+    chunk = classes_per_chunk(b, n, m, settings.memory_budget_mb)
     contributions, plans = [], []
     for start in range(0, c, chunk):
         part = slice(start, start + chunk)
@@ -685,6 +697,7 @@ class LaZSL(Callback):
         seed: crop seed; crops of an image depend only on ``(seed, dataset index)``.
         suffix: sentence suffix ("." for ImageNet parity, "" elsewhere).
         max_views: views per image-encoder forward pass (bounds memory).
+        memory_budget_mb: most memory the transport of one chunk of classes takes (:class:`LaZSLSettings`).
         tol: Sinkhorn tolerance on the relative row-marginal error.
         stop_rule: ``relative`` (``tol``) or ``reference`` (the reference code's rule, :class:`LaZSLSettings`).
         scorers: the scorers to log, side by side (:data:`SCORERS`; YAML ``scorers: [lazsl, dclip, wca, awt]``).
@@ -706,6 +719,7 @@ class LaZSL(Callback):
         seed: int = LaZSLSettings.seed,
         suffix: str = LaZSLSettings.suffix,
         max_views: int = LaZSLSettings.max_views,
+        memory_budget_mb: float = LaZSLSettings.memory_budget_mb,
         tol: float = LaZSLSettings.tol,
         stop_rule: StopRule = LaZSLSettings.stop_rule,
         scorers: Sequence[Scorer] = ("lazsl", "dclip"),
@@ -722,7 +736,8 @@ class LaZSL(Callback):
             raise ValueError(f"LaZSL every_n_epochs={every_n_epochs!r} (must be >= 1)")
         self.settings = LaZSLSettings(n_crops=n_crops, alpha=alpha, beta=beta, theta=theta, eps=eps,
                                       vs_offset=vs_offset, select_crops=select_crops, max_iter=max_iter, tol=tol,
-                                      stop_rule=stop_rule, seed=seed, suffix=suffix, max_views=max_views)
+                                      stop_rule=stop_rule, seed=seed, suffix=suffix, max_views=max_views,
+                                      memory_budget_mb=memory_budget_mb)
         self.every_n_epochs, self.split, self.max_batches = every_n_epochs, split, max_batches
         self._classes: torch.Tensor | None = None
         self._sentences: tuple[list[list[str]], torch.Tensor] | None = None
