@@ -32,11 +32,11 @@ test-all: $(STAMP)
 	$(BACKBONE)
 	$(PYTEST) -m "slow or not slow"
 
-# Speed benchmarks, then the explainers x methods benchmark in its quick form (the full run writes
-# docs/explanations.md; its command is on that page).
+# The speed and memory benchmark: prints its tables and writes them into docs/benchmarks.md (about 5 minutes on
+# 2 CPU cores; on a GPU: python -m benchmarks --device cuda --model ViT-B-16). The per-method studies
+# (benchmarks/bench_*.py, python -m benchmarks.explanations) have their commands on their pages.
 bench: $(STAMP)
-	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
-	$(BIN)/python -m benchmarks.explanations --quick --out outputs/explanations_quick.md
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) outputs lightning_logs

@@ -1,5 +1,6 @@
 """``xvlm export`` (in process): a fine-tuned module's towers leave as an open_clip folder that open_clip loads alone,
-with the module's features and the datamodule's preprocessing; towers open_clip cannot build load through xvlm."""
+with the module's features and the datamodule's preprocessing; towers open_clip cannot build (conv stem, prompt
+tokens, MSCI's block adapters) load through xvlm with the same features."""
 
 import json
 
@@ -16,9 +17,9 @@ from datamodules import ShapesDataModule
 from datamodules.transforms import CLIP_MEAN, CLIP_STD
 from xvlm.backbones import VisionLanguageModel
 from xvlm.cli import main
-from xvlm.export import PARTS_FILE, tower_export, write_export
+from xvlm.export import PARTS_FILE, export_module, tower_export, write_export
 from xvlm.hub_folder import CONFIG_FILE
-from xvlm.methods import CLIPFineTune
+from xvlm.methods import MSCI, CLIPFineTune
 
 TEST_VIT = {  # a two-block ViT that open_clip builds from its config alone (no conv stem, no registers)
     "embed_dim": 32,
@@ -83,7 +84,7 @@ def test_export_loads_in_open_clip_with_the_fine_tuned_features_and_preprocessin
 def test_xvlm_tiny_export_loads_through_xvlm(tiny_vit, tmp_path):
     export = tower_export(tiny_vit, {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)})
     assert "convolutional stem" in export.needs_xvlm
-    assert export.config["xvlm"] == {"conv_stem": [32, 64, 128], "register_tokens": 0}
+    assert export.config["xvlm"] == {"conv_stem": [32, 64, 128], "register_tokens": 0, "block_adapters": None}
     write_export(tmp_path, export, {}, "card")
     loaded = VisionLanguageModel(f"local-dir:{tmp_path}").eval()
     images = torch.randn(2, 3, 64, 64)
@@ -92,11 +93,11 @@ def test_xvlm_tiny_export_loads_through_xvlm(tiny_vit, tmp_path):
         assert torch.equal(loaded.encode_texts(["a red star"]), tiny_vit.encode_texts(["a red star"]))
 
 
-def test_prompt_tokens_load_through_xvlm_and_block_adapters_are_refused(trained, tmp_path):
+def test_prompt_tokens_load_through_xvlm_and_other_block_adapters_are_refused(trained, tmp_path):
     towers = VisionLanguageModel("xvlm-test-vit", pretrained=None, image_size=32).eval()
     towers.add_prompt_tokens(3)
     export = tower_export(towers, {})
-    assert export.config["xvlm"] == {"conv_stem": None, "register_tokens": 3}
+    assert export.config["xvlm"] == {"conv_stem": None, "register_tokens": 3, "block_adapters": None}
     write_export(tmp_path, export, {"head.weight": torch.ones(2, 2)}, "card")
     assert torch.equal(load_file(tmp_path / PARTS_FILE)["head.weight"], torch.ones(2, 2))
     loaded = VisionLanguageModel(f"local-dir:{tmp_path}").eval()
@@ -105,5 +106,38 @@ def test_prompt_tokens_load_through_xvlm_and_block_adapters_are_refused(trained,
         assert torch.equal(loaded.encode_image(images), towers.encode_image(images))
 
     towers.add_block_adapters(attn=lambda width: torch.nn.Linear(width, width))
-    with pytest.raises(ValueError, match=r"no place for.*adapter_attn"):
+    with pytest.raises(ValueError, match="Linear block adapters on the attn branch; only BottleneckAdapter"):
         tower_export(towers, {})
+
+
+def test_msci_export_loads_through_xvlm_with_the_adapted_features(tmp_path):
+    torch.manual_seed(0)
+    data = ShapesDataModule(task="compositions", image_size=32, batch_size=8, train_size=8, val_size=8, test_size=8,
+                            num_workers=0, augment=False)
+    module = MSCI(pretrained=None, input_size=32, low_layers=2, high_layers=2, cal_heads=4, adapter_dim=8,
+                  adapter_scale=0.5)
+    module.attach_task(data.task)
+    encoder = module.eval().zero_shot_encoder()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        clip_features = encoder.encode_image(images)
+        for param in encoder.adapter_parameters():  # they start at W_up = 0, which changes nothing
+            param.normal_(0.0, 0.2)
+        adapted = encoder.encode_image(images)
+    assert (adapted - clip_features).abs().max() > 1e-2
+
+    export, _ = export_module(module, data, tmp_path / "msci")
+    assert "convolutional stem" in export.needs_xvlm and "attention and MLP branch" in export.needs_xvlm
+    spec = {"dim": 8, "scale": 0.5, "dropout": 0.1}
+    assert export.config["xvlm"]["block_adapters"] == {"attn": spec, "mlp": spec}
+    parts = load_file(tmp_path / "msci" / PARTS_FILE)
+    assert "prompts.vocab" in parts and any(name.startswith("stages.") for name in parts)
+    assert not any("adapter" in name for name in parts)  # the adapters are in the towers' weights
+    card = (tmp_path / "msci" / "README.md").read_text()
+    assert "VisionLanguageModel('local-dir:" in card and "compositional pair scores" in card
+
+    loaded = VisionLanguageModel(f"local-dir:{tmp_path / 'msci'}").eval()
+    assert len(list(loaded.adapter_modules())) == 2 * 4
+    with torch.no_grad():
+        assert (loaded.encode_image(images) - adapted).abs().max() <= 1e-6
+        assert torch.equal(loaded.encode_texts(["a red star"]), encoder.encode_texts(["a red star"]))

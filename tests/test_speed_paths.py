@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.plugins.precision import MixedPrecision
 from test_host_syncs import shipped
 
@@ -75,8 +76,8 @@ def test_inductor_compiled_clip_step_matches_the_plain_step():
     assert torch.nn.functional.cosine_similarity(compiled_grads, grads, dim=0) > 0.9999
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c.parent.name in ("clip", "ecor")],
-                         ids=["clip (AdamW)", "ecor (SGD)"])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.parent.name in ("clip", "ecor", "svip")],
+                         ids=["clip (AdamW)", "ecor (SGD)", "svip (Adam)"])
 def test_fused_optimizer_takes_the_steps_of_the_plain_one(config):
     results = []
     for fused in (False, True):
@@ -91,3 +92,20 @@ def test_fused_optimizer_takes_the_steps_of_the_plain_one(config):
     # Adam's step g / (sqrt(v) + 1e-8) rounds differently where |g| is near 1e-8: a few elements per million differ
     agree = torch.isclose(results[1], results[0], rtol=1e-5, atol=1e-7)
     assert agree.float().mean() > 0.9999 and (results[1] - results[0]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("flag, expected", [((), "high"), (("--float32_matmul_precision", "highest"), "highest")])
+def test_the_cli_sets_the_float32_matmul_precision_before_building(tmp_path, monkeypatch, flag, expected):
+    from test_cli import TINY_RUN
+
+    from xvlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_RUN))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        main(["validate", "--config", "tiny.yaml", *flag])
+        assert torch.get_float32_matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -20,7 +20,8 @@ Architectures are open_clip JSON configs. The project registers its own from ``x
 listed in :data:`CONV_STEMS` gets its ViT patch embedding replaced by a small convolutional stem (hybrid ViT,
 Xiao et al. 2021, "Early convolutions help transformers see better") of the same total stride, which is what
 lets a four-layer ViT tell shapes apart on 64-px images. A ``local-dir:`` folder written by ``xvlm export`` for
-such towers names its stem and register tokens in its config (:func:`tower_changes`, :mod:`xvlm.hub_folder`).
+such towers names its stem, register tokens and block adapters in its config (:func:`tower_changes`,
+:mod:`xvlm.hub_folder`).
 
 **Register tokens.** A config listed in :data:`REGISTER_TOKENS` gets ``R`` learned tokens (Darcet et al. 2024,
 "Vision Transformers Need Registers"): its image tower becomes a :class:`RegisterVisionTransformer` (the
@@ -94,6 +95,9 @@ Their parameters live at ``clip.visual.transformer.resblocks.{i}.adapter_attn`` 
 trainable under every ``freeze`` setting. Deliberate choices, which differ from some published adapters:
 an adapter reads the branch input ``x`` before the LayerNorm, carries its own scale (there is no separate scaling
 factor), and is initialised by its factory (zero-initialised output layers leave the tower's function unchanged).
+:class:`BottleneckAdapter` is the adapter a config can name: a ``local-dir:`` folder that ``xvlm export`` wrote for
+an adapted tower records each branch's spec in its ``xvlm`` entry, and :func:`create_clip` adds those adapters
+before it loads the folder's weights.
 
 Deviations of the stepper from open_clip's and timm's forward: a block whose attention is requested runs its
 attention unfused (``softmax(QKᵀ/√d)`` in float32, then ``V`` and ``out_proj``; timm: ``softmax(q kᵀ · scale)``
@@ -108,7 +112,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -159,20 +163,52 @@ class TowerChanges:
         conv_stem: channels of the convolutional stem that replaces the ViT's patch embedding (:func:`conv_stem`),
             or None.
         registers: ``R`` register (or prompt) tokens of the image tower (:class:`RegisterVisionTransformer`).
+        adapter_attn: the spec of the :class:`BottleneckAdapter` on every block's attention branch (module
+            docstring, block adapters), or None.
+        adapter_mlp: the same for the MLP branch.
     """
 
     conv_stem: tuple[int, ...] | None = None
     registers: int = 0
+    adapter_attn: BottleneckSpec | None = None
+    adapter_mlp: BottleneckSpec | None = None
+
+    @property
+    def has_adapters(self) -> bool:
+        """Whether the blocks have adapters on either branch."""
+        return self.adapter_attn is not None or self.adapter_mlp is not None
+
+    def entry(self) -> dict[str, Any]:
+        """The ``xvlm`` config entry of a folder with these changes (:mod:`xvlm.hub_folder`; :func:`tower_changes`
+        reads it back)."""
+        adapters = None
+        if self.has_adapters:
+            adapters = {branch: None if spec is None else asdict(spec)
+                        for branch, spec in (("attn", self.adapter_attn), ("mlp", self.adapter_mlp))}
+        return {"conv_stem": None if self.conv_stem is None else list(self.conv_stem),
+                "register_tokens": self.registers, "block_adapters": adapters}
 
 
 def tower_changes(model: str) -> TowerChanges:
     """The changes of ``model``: the ``xvlm`` entry of a ``local-dir:`` folder's config (:mod:`xvlm.hub_folder`),
-    else :data:`CONV_STEMS` and :data:`REGISTER_TOKENS` by name."""
+    else :data:`CONV_STEMS` and :data:`REGISTER_TOKENS` by name.
+
+    Raises:
+        ValueError: the entry's ``block_adapters`` is not ``{"attn": spec | null, "mlp": spec | null}`` with
+            ``spec = {"dim", "scale", "dropout"}`` (the error names the model).
+    """
     entry = xvlm_entry(model)
     if entry is None:
         return TowerChanges(CONV_STEMS.get(model), REGISTER_TOKENS.get(model, 0))
     stem = entry.get("conv_stem")
-    return TowerChanges(tuple(int(c) for c in stem) if stem else None, int(entry.get("register_tokens", 0)))
+    adapters = entry.get("block_adapters") or {}
+    try:
+        specs = [None if adapters.get(branch) is None else BottleneckSpec(**adapters[branch])
+                 for branch in ("attn", "mlp")]
+    except (AttributeError, TypeError) as error:
+        raise ValueError(f"model={model!r}: the config's block_adapters {adapters!r} is not {{'attn': spec | null, "
+                         f"'mlp': spec | null}} with spec = {{'dim', 'scale', 'dropout'}} ({error})") from None
+    return TowerChanges(tuple(int(c) for c in stem) if stem else None, int(entry.get("register_tokens", 0)), *specs)
 
 
 #: Pretrained sources this project provides itself: name -> resolver(model_name) returning a local weights file.
@@ -384,8 +420,8 @@ def _silenced_warnings(active: bool) -> Iterator[None]:
 
 
 def create_clip(model: str, pretrained: str | None = None, image_size: int | None = None) -> nn.Module:
-    """Build the open_clip model ``model`` with its :func:`tower_changes` (conv stem, register tokens) and load
-    ``pretrained`` (module docstring).
+    """Build the open_clip model ``model`` with its :func:`tower_changes` (conv stem, register tokens, block
+    adapters) and load ``pretrained`` (module docstring).
 
     A ``local-dir:`` folder whose config has an ``xvlm`` entry (towers open_clip cannot build alone,
     :mod:`xvlm.hub_folder`) is built by open_clip from its ``model_cfg`` without weights, changed as the entry says,
@@ -403,11 +439,15 @@ def create_clip(model: str, pretrained: str | None = None, image_size: int | Non
     if changes.conv_stem is not None:
         visual = clip.visual
         visual.conv1 = conv_stem(visual.conv1.out_channels, visual.patch_size[0], changes.conv_stem)
+    if (changes.registers or changes.has_adapters) and not isinstance(clip.visual, VisionTransformer):
+        asked = f"{changes.registers} register tokens" if changes.registers else "block adapters"
+        raise ValueError(f"model '{model}' asks for {asked}, but its image tower is a {type(clip.visual).__name__}, "
+                         f"not an open_clip ViT")
     if changes.registers:
-        if not isinstance(clip.visual, VisionTransformer):
-            raise ValueError(f"model '{model}' asks for {changes.registers} register tokens, but its image tower is "
-                             f"a {type(clip.visual).__name__}, not an open_clip ViT")
         RegisterVisionTransformer.add_registers(clip.visual, changes.registers)
+    if changes.has_adapters:
+        _add_adapters(clip.visual, model, *(None if spec is None else spec.build
+                                            for spec in (changes.adapter_attn, changes.adapter_mlp)))
     if local_file is not None:
         open_clip.load_checkpoint(clip, local_file, weights_only=True)
     return clip
@@ -547,6 +587,60 @@ class AdaptedResidualAttentionBlock(ResidualAttentionBlock):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return _residual_branches(self, q_x, self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
+
+
+def _add_adapters(
+    visual: VisionTransformer,
+    model: str,
+    attn: Callable[[int], nn.Module] | None,
+    mlp: Callable[[int], nn.Module] | None,
+) -> None:
+    """Make every block of ``visual`` an :class:`AdaptedResidualAttentionBlock` with adapters from the factories
+    ``width -> module`` (one call per block), on the tower's device and dtype; a ValueError naming ``model`` when
+    both factories are None or the blocks already have adapters."""
+    if attn is None and mlp is None:
+        raise ValueError("add_block_adapters needs an attn or an mlp factory")
+    if any(isinstance(block, AdaptedResidualAttentionBlock) for block in visual.transformer.resblocks):
+        raise ValueError(f"model '{model}' already has block adapters; add them once")
+    width = visual.transformer.width
+    reference = visual.class_embedding
+    for block in visual.transformer.resblocks:
+        made = [None if factory is None else factory(width).to(device=reference.device, dtype=reference.dtype)
+                for factory in (attn, mlp)]
+        AdaptedResidualAttentionBlock.adapt(block, *made)
+
+
+@dataclass(frozen=True)
+class BottleneckSpec:
+    """The arguments of a :class:`BottleneckAdapter` besides its width: what a folder's config records of it."""
+
+    dim: int
+    scale: float
+    dropout: float
+
+    def build(self, width: int) -> BottleneckAdapter:
+        """A new adapter of this spec for tokens of width ``width`` (``W_up = 0``)."""
+        return BottleneckAdapter(width, self.dim, self.scale, self.dropout)
+
+
+class BottleneckAdapter(nn.Module):
+    """``A(x) = s · W_up Drop(ReLU(W_down x))``, ``[..., W] -> [..., W]`` with a bottleneck of ``dim`` channels and
+    the scale ``s``; ``W_up`` starts at zero, so a new adapter leaves its block unchanged (MSCI's block adapters)."""
+
+    def __init__(self, width: int, dim: int, scale: float, dropout: float) -> None:
+        super().__init__()
+        self.down, self.up = nn.Linear(width, dim), nn.Linear(dim, width)
+        self.dropout, self.scale = nn.Dropout(dropout), scale
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    @property
+    def spec(self) -> BottleneckSpec:
+        """What re-creates this adapter (its weights aside) for its width."""
+        return BottleneckSpec(self.down.out_features, self.scale, self.dropout.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(self.dropout(F.relu(self.down(x))))
 
 
 def _multi_head_attention(
@@ -1104,19 +1198,11 @@ class VisionLanguageModel(nn.Module):
             mlp: the same for ``A_mlp``.
 
         The adapters are placed on the tower's device and dtype and stay trainable under every ``freeze``; their
-        parameters are :meth:`adapter_parameters`. A tower takes adapters once.
+        parameters are :meth:`adapter_parameters`. A tower takes adapters once. A ``local-dir:`` folder whose
+        config records :class:`BottleneckAdapter` adapters (:meth:`changes`) gets them when it is built, before its
+        weights are loaded.
         """
-        visual = self._vit("add_block_adapters")
-        if attn is None and mlp is None:
-            raise ValueError("add_block_adapters needs an attn or an mlp factory")
-        if any(isinstance(block, AdaptedResidualAttentionBlock) for block in visual.transformer.resblocks):
-            raise ValueError(f"model '{self.model_name}' already has block adapters; add them once")
-        width = visual.transformer.width
-        reference = visual.class_embedding
-        for block in visual.transformer.resblocks:
-            made = [None if factory is None else factory(width).to(device=reference.device, dtype=reference.dtype)
-                    for factory in (attn, mlp)]
-            AdaptedResidualAttentionBlock.adapt(block, *made)
+        _add_adapters(self._vit("add_block_adapters"), self.model_name, attn, mlp)
         self.set_freeze(self.freeze)
 
     def add_prompt_tokens(self, count: int, std: float = 0.02) -> nn.Parameter:
@@ -1149,6 +1235,34 @@ class VisionLanguageModel(nn.Module):
         """Parameters of the block adapters (e.g. for their own learning rate); none before adapters are added."""
         for module in self.adapter_modules():
             yield from module.parameters()
+
+    def changes(self) -> TowerChanges:
+        """What the CLIP image tower has beyond open_clip's model of its config, as a folder's ``xvlm`` entry records
+        it (:func:`tower_changes`): the architecture's conv stem, the register or prompt tokens
+        (:attr:`num_registers`) and the block adapters of each branch.
+
+        Raises:
+            ValueError: a branch's adapters are not :class:`BottleneckAdapter` or differ between blocks (no config
+                entry re-creates them).
+        """
+        visual = self.clip.visual
+        blocks = list(visual.transformer.resblocks) if isinstance(visual, VisionTransformer) else []
+        specs = []
+        for branch in ("attn", "mlp"):
+            adapters = [getattr(block, f"adapter_{branch}", None) for block in blocks]
+            if all(adapter is None for adapter in adapters):
+                specs.append(None)
+                continue
+            other = next((a for a in adapters if not isinstance(a, BottleneckAdapter)), None)
+            if other is not None:
+                raise ValueError(f"model '{self.model_name}' has {type(other).__name__} block adapters on the "
+                                 f"{branch} branch; only BottleneckAdapter adapters can be re-created from a config")
+            kinds = {adapter.spec for adapter in adapters}
+            if len(kinds) > 1:
+                raise ValueError(f"model '{self.model_name}' has {branch} block adapters of {len(kinds)} specs "
+                                 f"({sorted(kinds, key=repr)}); a config records one per branch")
+            specs.append(kinds.pop())
+        return TowerChanges(tower_changes(self.model_name).conv_stem, self.num_registers, *specs)
 
 
 def _block_indices(layers: int | Sequence[int] | None, depth: int) -> tuple[int, ...]:

@@ -6,14 +6,18 @@ architecture's ``model_cfg`` at the towers' image size and the datamodule's eval
 ``open_clip_config.json``. Every other tensor of the module (heads, learned prompt/context vectors, a timm image
 tower: the state-dict entries outside ``backbone.clip``) goes beside them, under its state-dict name, into
 ``xvlm_method_parts.safetensors``: CoOp-style context vectors replace prompt words and cannot be folded into the
-text tower's weights.
+text tower's weights. A method's own scoring needs these parts: MSCI's compositional pair scores need its primitive
+vocabulary, aggregators, cross-attention stages, fusion weights and disentanglers; its towers alone give the
+adapted CLIP features (``encode_image``, ``encode_texts``) that zero-shot scoring uses.
 
 Before anything is written the weights are checked against the model open_clip builds from the config (on the meta
 device, nothing allocated): the same names and shapes mean ``open_clip.create_model_and_transforms('local-dir:
 <folder>')`` loads the folder, without xvlm; names that differ only by a convolutional stem (``visual.conv1.*``,
-``xvlm-tiny``) or register/prompt tokens (``visual.register_tokens``) are written down in the config's ``xvlm``
-entry and the folder loads through ``VisionLanguageModel('local-dir:<folder>')``; any other difference (MSCI's
-block adapters, nonlinear branches of every block that no open_clip weight can hold) is refused, naming the weights.
+``xvlm-tiny``), register/prompt tokens (``visual.register_tokens``) or bottleneck block adapters
+(``visual.transformer.resblocks.{i}.adapter_attn.*`` / ``adapter_mlp.*``, MSCI's: nonlinear branches of every
+block that no open_clip weight can hold) are written down in the config's ``xvlm`` entry (:mod:`xvlm.hub_folder`)
+and the folder loads through ``VisionLanguageModel('local-dir:<folder>')``; any other difference (adapters other
+than :class:`~xvlm.backbones.BottleneckAdapter`, which no config entry re-creates) is refused, naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from datamodules.transforms import open_clip_preprocess
-from xvlm.backbones import CLIP_MEAN, CLIP_STD, TowerChanges, VisionLanguageModel, _silenced_warnings, tower_changes
+from xvlm.backbones import CLIP_MEAN, CLIP_STD, TowerChanges, VisionLanguageModel, _silenced_warnings
 from xvlm.checkpointing import _umask
 from xvlm.hub_folder import CONFIG_FILE, WEIGHTS_FILE, XVLM_KEY
 from xvlm.methods.base import XVLMModule
@@ -43,6 +48,8 @@ CARD_FILE = "README.md"
 """The model card (the file a model hub shows)."""
 TOWERS_PREFIX = "backbone.clip."
 """State-dict prefix of a module's open_clip towers."""
+ADAPTER_WEIGHT = re.compile(r"visual\.transformer\.resblocks\.\d+\.adapter_(attn|mlp)\..+")
+"""Weights of a block adapter; group 1 is its branch."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +90,10 @@ def _open_clip_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def _changed_by(name: str, changes: TowerChanges) -> bool:
     """Whether the weight ``name`` is one that ``changes`` adds or replaces."""
+    adapter = ADAPTER_WEIGHT.fullmatch(name)
     return ((changes.conv_stem is not None and name.startswith("visual.conv1."))
-            or (changes.registers > 0 and name == "visual.register_tokens"))
+            or (changes.registers > 0 and name == "visual.register_tokens")
+            or (adapter is not None and getattr(changes, f"adapter_{adapter[1]}") is not None))
 
 
 def _why_xvlm(changes: TowerChanges) -> str:
@@ -93,6 +102,11 @@ def _why_xvlm(changes: TowerChanges) -> str:
         reasons.append("a convolutional stem instead of the ViT patch embedding")
     if changes.registers:
         reasons.append(f"{changes.registers} register/prompt tokens")
+    if changes.has_adapters:
+        branches = [name for name, spec in (("attention", changes.adapter_attn), ("MLP", changes.adapter_mlp))
+                    if spec is not None]
+        reasons.append(f"bottleneck adapters on every block's {' and '.join(branches)} branch (nonlinear branches that "
+                       f"no open_clip weight can hold)")
     return "its image tower has " + " and ".join(reasons) + ", which open_clip's configs cannot express"
 
 
@@ -106,8 +120,9 @@ def tower_export(encoder: VisionLanguageModel, preprocess: dict[str, Any]) -> To
         preprocess: the ``preprocess_cfg`` to record (:func:`datamodule_preprocess`).
 
     Raises:
-        ValueError: the image tower is not open_clip's, or the towers hold weights that neither open_clip's model
-            of the config nor xvlm's changes of it (:func:`xvlm.backbones.tower_changes`) have a place for.
+        ValueError: the image tower is not open_clip's, has block adapters that no config re-creates
+            (:meth:`~xvlm.backbones.VisionLanguageModel.changes`), or the towers hold weights that neither open_clip's
+            model of the config nor xvlm's changes of it (:func:`xvlm.backbones.tower_changes`) have a place for.
     """
     if not encoder.text_aligned_images:
         raise ValueError(f"export needs open_clip towers; model '{encoder.model_name}' has the timm image tower "
@@ -125,15 +140,14 @@ def tower_export(encoder: VisionLanguageModel, preprocess: dict[str, Any]) -> To
         name for name in weights.keys() & reference.keys() if tuple(weights[name].shape) != reference[name])
     if not differing:
         return TowerExport(config, weights, None)
-    changes = TowerChanges(tower_changes(encoder.model_name).conv_stem, encoder.num_registers)
+    changes = encoder.changes()
     unplaced = [name for name in differing if not _changed_by(name, changes)]
     if unplaced:
         shown = ", ".join(unplaced[:6]) + (f" and {len(unplaced) - 6} more" if len(unplaced) > 6 else "")
-        raise ValueError(f"model '{encoder.model_name}' cannot be exported as an open_clip folder: open_clip's model "
-                         f"of its config has no place for, or other shapes of, the weights {shown} (e.g. block "
-                         f"adapters, whose nonlinear branches no open_clip weight can hold)")
-    config[XVLM_KEY] = {"conv_stem": None if changes.conv_stem is None else list(changes.conv_stem),
-                        "register_tokens": changes.registers}
+        raise ValueError(f"model '{encoder.model_name}' cannot be exported as an open_clip folder: neither open_clip's "
+                         f"model of its config nor xvlm's changes of it have a place for, or other shapes of, the "
+                         f"weights {shown}")
+    config[XVLM_KEY] = changes.entry()
     return TowerExport(config, weights, _why_xvlm(changes))
 
 

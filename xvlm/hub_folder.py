@@ -8,12 +8,15 @@ names open_clip's own ``create_model('local-dir:<folder>')`` and ``hf-hub:`` loa
 
 Towers that open_clip cannot build from ``model_cfg`` alone carry one more config entry, ``xvlm``::
 
-    "xvlm": {"conv_stem": [32, 64, 128] | null, "register_tokens": R}
+    "xvlm": {"conv_stem": [32, 64, 128] | null, "register_tokens": R,
+             "block_adapters": {"attn": spec | null, "mlp": spec | null} | null}
+    spec = {"dim": 64, "scale": 0.1, "dropout": 0.1}
 
-the channels of the convolutional stem that replaces the ViT's patch embedding (``xvlm-tiny``) and the number of
-register or prompt tokens of the image tower (:mod:`xvlm.backbones`). open_clip ignores the entry (and then has no
-place for those weights); :func:`xvlm.backbones.create_clip` builds open_clip's model of ``model_cfg`` without
-weights, makes these changes and loads the weights file.
+the channels of the convolutional stem that replaces the ViT's patch embedding (``xvlm-tiny``), the number of
+register or prompt tokens of the image tower and the :class:`~xvlm.backbones.BottleneckAdapter` of every block's
+attention and MLP branch (MSCI's adapters: bottleneck channels, scale, dropout; :mod:`xvlm.backbones`). open_clip
+ignores the entry (and then has no place for those weights); :func:`xvlm.backbones.create_clip` builds open_clip's
+model of ``model_cfg`` without weights, makes these changes and loads the weights file.
 """
 
 from __future__ import annotations

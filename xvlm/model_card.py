@@ -110,7 +110,10 @@ def model_card(module: XVLMModule, datamodule: Any, checkpoint: dict[str, Any] |
     }
     if has_parts:
         details["Method parts"] = ("`xvlm_method_parts.safetensors`: the module's tensors outside the towers (heads, "
-                                   "learned prompt/context vectors), under their state-dict names")
+                                   "learned prompt/context vectors, MSCI's primitive vocabulary and cross-attention "
+                                   "stages), under their state-dict names. The method's own scoring (e.g. MSCI's "
+                                   "compositional pair scores) needs them; the towers alone give its (adapted) CLIP "
+                                   "image and text features")
     card = generate_readme({"tags": ("clip", "xvlm", type(module).__name__.lower()), "license": "other",
                             "description": f"Image and text towers fine-tuned with xvlm's `{type(module).__name__}`.",
                             "details": details, "usage": _usage(folder_name, needs_xvlm)}, title)

@@ -10,7 +10,8 @@ module class is refused), as ``xvlm explain`` does. ``--out`` then holds open_cl
 method, config, class split, the checkpoint's validation scores) and, when the method has tensors of its own
 (heads, learned prompt vectors), ``xvlm_method_parts.safetensors``. ``open_clip.create_model_and_transforms(
 'local-dir:<folder>')`` loads it without xvlm; towers open_clip cannot build (``xvlm-tiny``'s convolutional stem,
-register or prompt tokens) load with ``VisionLanguageModel('local-dir:<folder>')``, and the command says so.
+register or prompt tokens, MSCI's block adapters) load with ``VisionLanguageModel('local-dir:<folder>')``, and the
+command says so.
 Any other argument (``--model.init_args.templates ...``) goes to the CLI's parser, as in ``xvlm fit``.
 """
 

@@ -72,6 +72,7 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 from datamodules.task import Task
+from xvlm.backbones import BottleneckAdapter
 from xvlm.explain.explainers import explain_with
 from xvlm.methods.base import XVLMModule
 from xvlm.metrics import CZSLMetrics, czsl_summary, feasible_summaries
@@ -85,20 +86,6 @@ HEADS_KEY = "xvlm_msci_cal_heads"
 REFERENCE_WEIGHTS = ((1.0, 1.0, 1.0), (0.3, 0.7, 0.7), (0.1, 0.9, 0.9))
 """The inference weights of the reference's configs and comments (spec §3, §8)."""
 BRANCHES = ("pair", "state", "object")
-
-
-class BottleneckAdapter(nn.Module):
-    """``A(x) = s · W_up Drop(ReLU(W_down x))``, ``[..., W] -> [..., W]``; ``W_up`` starts at zero."""
-
-    def __init__(self, width: int, dim: int, scale: float, dropout: float) -> None:
-        super().__init__()
-        self.down, self.up = nn.Linear(width, dim), nn.Linear(dim, width)
-        self.dropout, self.scale = nn.Dropout(dropout), scale
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(self.dropout(F.relu(self.down(x))))
 
 
 class LevelAggregator(nn.Module):
