@@ -11,8 +11,9 @@ class Report:
     """The section ``key`` (``"<device> <model>"``) of a benchmark page.
 
     :meth:`write` replaces the text between ``<!-- benchmark: key -->`` and ``<!-- end benchmark: key -->`` in the
-    file, or inserts the section after the page's title when the markers are not there yet; the rest of the page
-    (hand-written studies) stays as it is.
+    file, or inserts the section after the page's introduction and its other benchmark sections, before its first
+    study (``##`` heading), when the markers are not there yet; the rest of the page (hand-written studies) stays
+    as it is.
     """
 
     def __init__(self, key: str) -> None:
@@ -42,7 +43,9 @@ class Report:
         pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
         if pattern.search(page):
             page = pattern.sub(lambda _: section, page)
-        else:
-            title, _, rest = page.partition("\n")
-            page = f"{title}\n\n{section}\n{rest}"
+        else:  # after the introduction and the other benchmark sections, before the first study
+            after = page.rfind("<!-- end benchmark: ")
+            cut = page.find("\n## ", max(after, 0))
+            cut = len(page) if cut < 0 else cut
+            page = f"{page[:cut].rstrip()}\n\n{section}\n{page[cut:]}"
         path.write_text(page)

@@ -256,18 +256,19 @@ def step_profile(method: str, setting: Setting, rows: int = 12) -> str:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profile:
         run(3)
-    key = "self_cuda_time_total" if setting.device == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if setting.device == "cuda" else "self_cpu_time_total"
     return profile.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48)
 
 
-def gpu_busy_share(method: str, setting: Setting, compile: bool = True) -> float:
-    """Kernel time over wall time of five hand-written steps of ``method`` (``compile`` its towers); GPU only."""
-    module, data = method_and_data(method, setting, compile=compile)
+def gpu_busy_share(method: str, setting: Setting, compiled: bool = True) -> float:
+    """Kernel time over wall time of five hand-written steps of ``method`` (its towers compiled when ``compiled``);
+    GPU only."""
+    module, data = method_and_data(method, setting, compile=compiled)
     run = hand_written_loop(module.to(setting.device).train(), batches_of(data), setting)
     run(3)  # compiles
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         start = time.perf_counter()
         run(5)
         wall = time.perf_counter() - start
-    kernel_us = sum(event.self_device_time_total for event in profile.key_averages())
-    return kernel_us / 1e6 / wall
+    kernels = [event for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(event.time_range.elapsed_us() for event in kernels) / 1e6 / wall

@@ -14,12 +14,13 @@ def test_fitted_exponent_recovers_a_power_law():
 
 def test_a_rerun_replaces_its_own_section_and_keeps_the_rest_of_the_page(tmp_path):
     page = tmp_path / "benchmarks.md"
-    page.write_text("# Benchmarks\n\nA hand-written study.\n")
+    page.write_text("# Benchmarks\n\nHow to read them.\n\n## A study\n\nHand-written.\n")
     for key, value in (("cpu xvlm-tiny", "1.00"), ("cuda ViT-B-16", "2.00"), ("cpu xvlm-tiny", "3.00")):
         report = Report(key)
         report.table("Steps", ["method", "s/step"], [["clip", value]])
         report.write(page)
     text = page.read_text()
-    assert text.startswith("# Benchmarks\n") and text.endswith("A hand-written study.\n")
+    assert text.startswith("# Benchmarks\n\nHow to read them.\n\n<!-- benchmark: ")
+    assert text.endswith("\n## A study\n\nHand-written.\n")
     assert text.count("<!-- benchmark: cpu xvlm-tiny -->") == 1 and "| clip | 3.00 |" in text
     assert "| clip | 1.00 |" not in text and "| clip | 2.00 |" in text

@@ -31,7 +31,8 @@ def shipped(config: Path, **overrides) -> tuple[L.LightningModule, ShapesDataMod
 
 
 class StepRecorder(L.Callback):
-    """Record host syncs and tokenizer calls of the second training batch, up to its optimizer step."""
+    """Record host syncs and tokenizer calls of the second training batch, up to its optimizer step (on a GPU also
+    under CUDA's sync debug mode, which raises at a synchronising call)."""
 
     def __init__(self) -> None:
         self.syncs: list = []
@@ -50,16 +51,20 @@ class StepRecorder(L.Callback):
         if batch_idx == 1:
             self._recording = record_host_syncs()
             self.syncs = self._recording.__enter__()
+            if pl_module.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("error")  # CUDA's own check: a synchronising call raises
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._recording is not None:
+            if pl_module.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
             self._recording.__exit__(None, None, None)
             self._recording = None
 
 
-def train_two_steps(module: L.LightningModule, data: ShapesDataModule) -> StepRecorder:
+def train_two_steps(module: L.LightningModule, data: ShapesDataModule, accelerator: str = "cpu") -> StepRecorder:
     recorder = StepRecorder()
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator=accelerator, max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
     trainer.fit(module, data)
     return recorder
@@ -74,6 +79,14 @@ def test_training_step_of_the_shipped_config_never_waits_for_the_device_nor_toke
         assert len(recorder.syncs) <= 6  # the pre-loop read and one per 10 of about 20-30 iterations
     else:
         assert recorder.syncs == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's own check needs a GPU")
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.parent.name for c in CONFIGS])
+def test_cuda_reports_no_synchronisation_in_the_training_step(config):
+    overrides = {"ot_check_every": 0, "ot_max_iter": 30} if config.parent.name == "lico" else {}
+    recorder = train_two_steps(*shipped(config, **overrides), accelerator="gpu")
+    assert recorder.syncs == []
 
 
 def test_lico_without_stopping_reads_never_waits():
