@@ -40,8 +40,9 @@ def prepared(config: Path, **overrides):
     return module.train(), batch
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+@pytest.mark.parametrize(("config", "precision"), [
+    pytest.param(c, p, id=f"{c.parent.name}-{p}", marks=pytest.mark.slow if p == "16-mixed" and c.parent.name != "clip"
+                 else ()) for c in CONFIGS for p in ("bf16-mixed", "16-mixed")])
 def test_mixed_precision_step_matches_the_float32_step(config, precision):
     module, batch = prepared(config)
     loss, grads = loss_and_gradients(module, batch)
