@@ -30,7 +30,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--model", default="xvlm-tiny", help="open_clip model: xvlm-tiny or ViT-B-16 (or another)")
     parser.add_argument("--precision", default=None, help="Lightning precision (default: 32-true on a CPU, "
                                                           "bf16-mixed on a GPU)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is reported)")
     parser.add_argument("--out", type=Path, default=DOCS, help="markdown file to write the section into")
     return parser.parse_args()

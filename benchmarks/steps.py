@@ -165,13 +165,14 @@ def timed_steps(step: Callable[[], None], setting: Setting) -> Callable[[int], f
 
 
 class _StepTimer(L.Callback):
-    """Seconds per step from the start of batch 1 to the end of the last batch (batch 0 warms up)."""
+    """Seconds per step from the start of the second step to the end of the last (the first warms up), across
+    epoch ends."""
 
     def __init__(self, setting: Setting) -> None:
         self.setting, self.start, self.seconds = setting, 0.0, 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        if idx == 1:
+        if trainer.global_step == 1 and not self.start:
             self.setting.synchronize()
             self.start = time.perf_counter()
 
