@@ -154,6 +154,7 @@ class XVLMModule(L.LightningModule):
         self.test_metrics: GZSLMetrics | None = None
         self._class_text: torch.Tensor | None = None
         self._prompt_tokens: ClassPromptTokens | None = None
+        self._host_seen_position: torch.Tensor | None = None
         self._init_weights_loaded = False
         self._towers_compiled = False
         self._frozen_clip: VisionLanguageModel | None = None
@@ -244,11 +245,12 @@ class XVLMModule(L.LightningModule):
         self.val_metrics = GZSLMetrics(task.num_classes, task.seen, unseen, keep_scores=calibrating)
         self.test_metrics = GZSLMetrics(task.num_classes, task.seen, unseen, keep_scores=calibrating)
         device = self.backbone.logit_scale.device
-        seen = torch.as_tensor(task.seen, dtype=torch.long, device=device)
-        position = torch.full((task.num_classes,), -1, dtype=torch.long, device=device)
-        position[seen] = torch.arange(len(seen), device=device)
-        self.register_buffer("seen_classes", seen, persistent=False)
-        self.register_buffer("seen_position", position, persistent=False)
+        seen = torch.as_tensor(task.seen, dtype=torch.long)
+        position = torch.full((task.num_classes,), -1, dtype=torch.long)
+        position[seen] = torch.arange(len(seen))
+        self._host_seen_position = position  # for labels still on the host: prepare_training_batch copies nothing
+        self.register_buffer("seen_classes", seen.to(device), persistent=False)
+        self.register_buffer("seen_position", position.to(device), persistent=False)
         # seeded by the run's seed alone: Lightning's set-up (DDP's process group, the sampler) draws from torch's
         # generator before this point, so a head built from its current state would differ with the process count
         with torch.random.fork_rng(devices=[]):  # the CPU generator (parameters are built on the CPU), restored after
@@ -285,7 +287,7 @@ class XVLMModule(L.LightningModule):
             ValueError: a label is an unseen class (the datamodule leaks held-out classes into training).
         """
         labels = batch["label"]
-        target = self.seen_position.to(labels.device)[labels]
+        target = (self._host_seen_position if labels.device.type == "cpu" else self.seen_position)[labels]
         if bool((target < 0).any()):
             raise ValueError("a training batch holds an unseen class; the datamodule leaks held-out classes")
         present, index = target.unique(return_inverse=True)
