@@ -56,7 +56,7 @@ Deviations from the reference code (ymLeiFDU/LICO) and from the letter of the pa
    100-250; random ones about 10). The reference stops when ``mean_b Σ_n |Δφ_n| < 1e-3`` for the dual potentials
    ``φ = ε log u``, a threshold that tightens with ``N``; ``ot_stop_rule='reference'`` applies it per sample (the
    reference averages it over the batch, so a sample's plan depends on its batch), with ``ot_max_iter = 100`` for
-   the reference's cap. The host reads the stopping flag every ``ot_check_every = 10`` iterations (2-3 reads per
+   the reference's cap. The host reads the stopping flag every ``ot_check_every = 10`` iterations (3-4 reads per
    step at the Shapes defaults, where the problems stop after about 20); the plans do not depend on it
    (:mod:`xvlm.ot`), and ``ot_check_every = 0`` with a fixed ``ot_max_iter`` gives a step that never waits.
 9. The classifier is trained on the task's seen classes only (unseen classes are LaZSL's); with no unseen
