@@ -3,8 +3,8 @@ handful of steps), killed or signalled mid-epoch and resumed with ``--ckpt_path 
 ``xvlm.methods.__all__`` with a ``configs/<method>/shapes.yaml`` is covered without editing this file.
 
 - SIGKILL at a step drawn at random (seeded) inside an epoch: the resumed run ends with bit-identical weights and
-  optimiser state, and logs the same metrics, as the uninterrupted run (CPU); the baseline and LICO (dropout,
-  prompts) in ``make test``, ECOR, MSCI and SVIP in ``make test-all``.
+  optimiser state, and logs the same metrics, as the uninterrupted run (CPU); the baseline in ``make test``, every
+  method in ``make test-all``.
 - SLURM: SIGUSR1 mid-epoch with SLURM's environment and a fake ``scontrol`` on ``PATH``: a checkpoint after that
   step, ``scontrol requeue <job id>``, and the requeued job (the same command) finishes with the same weights.
 """
@@ -81,8 +81,7 @@ def _steps_inside_epochs(seed: str) -> int:
     return random.Random(seed).choice(candidates)
 
 
-@pytest.mark.parametrize("config", [pytest.param(c, id=c.parent.name, marks=pytest.mark.slow if c.parent.name in
-                                                  ("ecor", "msci", "svip") else ()) for c in CONFIGS])
+@pytest.mark.parametrize("config", shared_machinery(CONFIGS))
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(config, tmp_path, tmp_path_factory):
     straight = _straight(config, tmp_path_factory)
     step = _steps_inside_epochs(config.parent.name)
