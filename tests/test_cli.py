@@ -38,6 +38,7 @@ def workdir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # make test keeps the stronger mid-epoch SIGKILL resume of test_resume (weights, optimiser, logs)
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir):
     straight, interrupted = straight_and_resumed("tiny.yaml", epochs=3, stop_after=2, cwd=workdir)
     assert (interrupted["epoch"], interrupted["global_step"]) == (1, 6)
