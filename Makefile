@@ -32,7 +32,7 @@ test-all: $(STAMP)
 	$(BACKBONE)
 	$(PYTEST) -m "slow or not slow"
 
-# The speed and memory benchmark: prints its tables and writes them into docs/benchmarks.md (about 5 minutes on
+# The speed and memory benchmark: prints its tables and writes them into docs/benchmarks.md (about 3 minutes on
 # 2 CPU cores; on a GPU: python -m benchmarks --device cuda --model ViT-B-16). The per-method studies
 # (benchmarks/bench_*.py, python -m benchmarks.explanations) have their commands on their pages.
 bench: $(STAMP)
