@@ -1,12 +1,15 @@
 """End-to-end runs of the ``xvlm`` command as a user would type it (subprocesses, 32-px Shapes, CPU)."""
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from run_cli import straight_and_resumed, xvlm
+
+from xvlm.cli import main
 
 TINY_RUN = {
     "seed_everything": 0,
@@ -64,21 +67,28 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir):
     assert {row["epoch"] for row in rows if row.get("val/U")} == {"0", "1", "2"}
 
 
-def test_a_fresh_fit_does_not_overwrite_an_existing_run(workdir):
-    last = workdir / "checkpoints/straight/last.ckpt"
-    if not last.exists():
-        pytest.skip("needs the run of the resume test")
-    before = last.read_bytes()
-    again = xvlm("fit", "--config", "tiny.yaml", "--run", "straight", "--trainer.max_epochs", "1", cwd=workdir)
+@pytest.fixture(scope="module")
+def existing_run(workdir) -> Path:
+    """``last.ckpt`` of run ``existing``: one epoch of ``tiny.yaml``, fitted by the CLI in this process."""
+    here = os.getcwd()
+    os.chdir(workdir)
+    try:
+        main(["fit", "--config", "tiny.yaml", "--run", "existing", "--trainer.max_epochs", "1"])
+    finally:
+        os.chdir(here)
+    return workdir / "checkpoints/existing/last.ckpt"
+
+
+def test_a_fresh_fit_does_not_overwrite_an_existing_run(workdir, existing_run):
+    before = existing_run.read_bytes()
+    again = xvlm("fit", "--config", "tiny.yaml", "--run", "existing", "--trainer.max_epochs", "1", cwd=workdir)
     assert again.returncode != 0
-    assert "run 'straight' already has checkpoints" in again.stderr and "--ckpt_path last" in again.stderr
-    assert last.read_bytes() == before
+    assert "run 'existing' already has checkpoints" in again.stderr and "--ckpt_path last" in again.stderr
+    assert existing_run.read_bytes() == before
 
 
-def test_checkpoint_of_another_model_class_is_refused(workdir, tmp_path):
-    ckpt = workdir / "checkpoints/straight/last.ckpt"
-    if not ckpt.exists():
-        pytest.skip("needs the run of the resume test")
+def test_checkpoint_of_another_model_class_is_refused(workdir, existing_run, tmp_path):
+    ckpt = existing_run
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     checkpoint["xvlm_class_path"] = "xvlm.methods.lico.LICO"
     foreign = tmp_path / "foreign.ckpt"
