@@ -100,7 +100,7 @@ class SoftPrompts(nn.Module):
 
 
 class ClassPromptTokens:
-    """Token ids of every ``template.format(class name)`` prompt, tokenized once per task and kept on the device.
+    """Token ids of every template × class prompt, tokenized once per task and kept on the device.
 
     A training step that draws one template per class then gathers its prompts' ids on the device
     (:meth:`encode`): no tokenizer call and no value read back from the device per step. The ids are cut after
@@ -109,18 +109,17 @@ class ClassPromptTokens:
 
     Args:
         backbone: the model whose tokenizer makes the ids and whose text tower encodes them.
-        templates: ``T`` templates with one ``{}`` each.
-        class_names: ``C`` class names in label order.
+        prompts: ``T`` lists (one per template) of the ``C`` class prompts in label order.
 
     Attributes:
         tokens: ``[T, C, length]`` token ids, on the device of ``backbone`` (see :meth:`to`).
         length: positions per prompt.
     """
 
-    def __init__(self, backbone: VisionLanguageModel, templates: Sequence[str], class_names: Sequence[str]) -> None:
-        ids = backbone.tokenize([template.format(name) for template in templates for name in class_names]).cpu()
+    def __init__(self, backbone: VisionLanguageModel, prompts: Sequence[Sequence[str]]) -> None:
+        ids = backbone.tokenize([prompt for row in prompts for prompt in row]).cpu()
         self.length = int(ids.argmax(dim=-1).max()) + 1 if backbone.pools_causal_eot else ids.shape[1]
-        self.tokens = ids[:, : self.length].reshape(len(templates), len(class_names), self.length)
+        self.tokens = ids[:, : self.length].reshape(len(prompts), -1, self.length)
         self.to(backbone.logit_scale.device)
 
     def to(self, device: torch.device) -> ClassPromptTokens:

@@ -316,7 +316,7 @@ class XVLMModule(L.LightningModule):
         """Token ids of every template × class prompt of the task (:class:`~xvlm.prompts.ClassPromptTokens`),
         made on first use after the task is attached and kept on the module's device."""
         if self._prompt_tokens is None:
-            self._prompt_tokens = ClassPromptTokens(self.backbone, self.templates, self.task.class_names)
+            self._prompt_tokens = ClassPromptTokens(self.backbone, [self.class_prompts(t) for t in self.templates])
         return self._prompt_tokens.to(self.backbone.logit_scale.device)
 
     def class_prompts(self, template: str, classes: Sequence[int] | None = None) -> list[str]:
